@@ -1,0 +1,1 @@
+"""INT8 calibration from real generation trajectories (installed as ``ecm.calibration``)."""

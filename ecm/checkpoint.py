@@ -1,0 +1,248 @@
+"""Reading and writing checkpoints: official flat state dicts and our own self-describing files.
+
+Official ``.pth`` files are flat state dicts; their config is inferred from the shapes. Ours are
+safetensors files whose metadata holds ``{"ecm_kind": ..., "config": <json>}``. Every failure is
+an :class:`ECMError` subclass with a one-line message, never a raw torch traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ecm.config import VARConfig, VQVAEConfig, config_from_dict, config_to_dict
+from ecm.runtime.errors import CheckpointError, ECMError
+from ecm.runtime.scales import PATCH_NUMS_256, total_tokens
+
+StateDict = dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------ files
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    A crash, a full disk or an exception leaves any previous file untouched and no partial file.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ECMError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as e:
+        raise ECMError(f"cannot write {path}: {e.strerror or e}; free some disk space or choose "
+                       "another location (nothing was overwritten)") from None
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str]) -> None:
+    """Write tensors with string metadata atomically."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
+
+
+def save_model(model: nn.Module, path: str | Path, kind: str, cfg: VQVAEConfig | VARConfig,
+               dtype: torch.dtype | None = None, extra: dict[str, str] | None = None) -> None:
+    """Save a model as a self-describing safetensors file (optionally cast, e.g. to fp16)."""
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+          for k, v in model.state_dict().items()}
+    meta = {"ecm_kind": kind, "config": json.dumps(config_to_dict(cfg)), **(extra or {})}
+    save_safetensors(sd, path, meta)
+
+
+def read_checkpoint(source: str | Path | dict[str, Any]) -> tuple[StateDict, dict[str, str]]:
+    """A state dict and its metadata (empty for official files) from a path or a dict."""
+    if isinstance(source, dict):
+        if "state_dict" in source and isinstance(source["state_dict"], dict):
+            return dict(source["state_dict"]), {k: v for k, v in source.items() if isinstance(v, str)}
+        return dict(source), {}
+    path = Path(source)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # safetensors raises several unrelated types for corrupt files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_short(e)}); it may be "
+                              "truncated or corrupt: re-download or re-save it") from None
+
+
+def _read_torch(path: Path) -> tuple[StateDict, dict[str, str]]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many unrelated types for a bad file
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_short(e)}); it may be "
+                              "truncated or corrupt: re-download it") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict()")
+    state, meta = read_checkpoint(obj)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path} is not a flat state dict (entry {bad[0]!r} is not a tensor); "
+                              "extract the model's state dict first")
+    return state, meta
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:160]
+
+
+# ------------------------------------------------------------------------------------ loading
+def check_state_dict(model: nn.Module, state: StateDict, what: str) -> None:
+    """Raise one clear error naming the first missing, unexpected or mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_first(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shape {_first(shapes)} (checkpoint vs model)")
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit this {what}: {'; '.join(problems)}; is it the "
+                              f"right file for a {what}?")
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _build_and_load(build: Callable[[], nn.Module], state: StateDict, what: str) -> nn.Module:
+    """Build on the meta device, check, then adopt the checkpoint's tensors (as fp32)."""
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model, state, what)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _config_from_meta(meta: dict[str, str], kind: str, cls: type, overrides: dict[str, Any]) -> Any:
+    if meta.get("ecm_kind") not in (None, kind):
+        raise CheckpointError(f"checkpoint holds a {meta['ecm_kind']}, not a {kind}; pass the {kind} file")
+    try:
+        data = json.loads(meta["config"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"checkpoint metadata has no valid {kind} config; re-save it with ecm") from None
+    return config_from_dict(cls, {**data, **overrides})
+
+
+def _count(state: StateDict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in state if (m := rx.match(k))})
+
+
+def _require(state: StateDict, key: str, what: str) -> torch.Tensor:
+    if key not in state:
+        raise CheckpointError(f"checkpoint has no {key!r}, so it is not a {what} checkpoint; "
+                              f"check that you passed the {what} file")
+    return state[key]
+
+
+def infer_vqvae_config(state: StateDict, **overrides: Any) -> VQVAEConfig:
+    """The VQVAE config that an official-layout state dict was built with."""
+    ch = _require(state, "encoder.conv_in.weight", "VQVAE").shape[0]
+    levels = _count(state, r"encoder\.down\.(\d+)\.")
+    ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    num_scales = _require(state, "quantize.ema_vocab_hit_SV", "VQVAE").shape[0]
+    patch_nums = overrides.pop("patch_nums", PATCH_NUMS_256 if num_scales == len(PATCH_NUMS_256) else None)
+    if patch_nums is None or len(patch_nums) != num_scales:
+        raise CheckpointError(f"checkpoint has {num_scales} scales; pass patch_nums=(...) with that many")
+    found = dict(
+        vocab_size=_require(state, "quantize.embedding.weight", "VQVAE").shape[0],
+        z_channels=state["quantize.embedding.weight"].shape[1],
+        ch=ch, ch_mult=ch_mult,
+        num_res_blocks=_count(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        using_sa=any(k.startswith(f"encoder.down.{levels - 1}.attn.") for k in state),
+        using_mid_sa="encoder.mid.attn_1.qkv.weight" in state,
+        quant_conv_ks=_require(state, "quant_conv.weight", "VQVAE").shape[-1],
+        share_quant_resi=_count(state, r"quantize\.quant_resi\.qresi_ls\.(\d+)\."),
+        patch_nums=tuple(patch_nums),
+    )
+    return VQVAEConfig(**{**found, **overrides})
+
+
+def infer_var_config(state: StateDict, patch_nums: tuple[int, ...] | None = None, **overrides: Any) -> VARConfig:
+    """The VAR config that an official-layout state dict was built with (depth included)."""
+    C, Cvae = _require(state, "word_embed.weight", "VAR").shape
+    L = _require(state, "pos_1LC", "VAR").shape[1]
+    patch_nums = tuple(patch_nums or PATCH_NUMS_256)
+    if total_tokens(patch_nums) != L:
+        raise CheckpointError(f"checkpoint has L = {L} tokens but patch_nums {patch_nums} give "
+                              f"{total_tokens(patch_nums)}; pass the VQVAE it was trained with")
+    found = dict(
+        depth=_count(state, r"blocks\.(\d+)\."),
+        embed_dim=C,
+        num_heads=_require(state, "blocks.0.attn.scale_mul_1H11", "VAR").shape[1],
+        mlp_ratio=_require(state, "blocks.0.ffn.fc1.weight", "VAR").shape[0] / C,
+        num_classes=_require(state, "class_emb.weight", "VAR").shape[0] - 1,
+        vocab_size=_require(state, "head.weight", "VAR").shape[0],
+        Cvae=Cvae,
+        patch_nums=patch_nums,
+    )
+    return VARConfig(**{**found, **overrides})
+
+
+def load_vqvae(source: str | Path | dict[str, Any], **overrides: Any):
+    """A VQVAE from an official or ecm checkpoint (see :meth:`VQVAE.from_checkpoint`)."""
+    from ecm.vqvae import VQVAE
+
+    state, meta = read_checkpoint(source)
+    if "config" in meta:
+        cfg = _config_from_meta(meta, "vqvae", VQVAEConfig, overrides)
+    else:
+        cfg = infer_vqvae_config(state, **overrides)
+    return _build_and_load(lambda: VQVAE(cfg), state, "VQVAE")
+
+
+def load_var(source: str | Path | dict[str, Any], vae=None, **overrides: Any):
+    """A VAR from an official or ecm checkpoint (see :meth:`VAR.from_checkpoint`)."""
+    from ecm.var import VAR
+
+    state, meta = read_checkpoint(source)
+    if "config" in meta:
+        cfg = _config_from_meta(meta, "var", VARConfig, overrides)
+    else:
+        patch_nums = overrides.pop("patch_nums", vae.config.patch_nums if vae is not None else None)
+        cfg = infer_var_config(state, patch_nums, **overrides)
+    model = _build_and_load(lambda: VAR(cfg), state, "VAR")
+    if vae is not None:
+        try:
+            model.attach_vae(vae)
+        except ValueError as e:
+            raise CheckpointError(f"{e}; load the VQVAE this VAR was trained with") from None
+    return model

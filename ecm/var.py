@@ -1,0 +1,314 @@
+"""The VAR transformer: next-scale prediction with AdaLN blocks and block-causal attention.
+
+Parameter names follow the official code so that ``var_d16.pth`` ... ``var_d30.pth`` load with
+``strict=True`` and compute the same function. Two ways to run it:
+
+* :meth:`VAR.forward` - teacher forcing over all L tokens with the block-causal mask (training);
+* :meth:`VAR.step` - one scale against a preallocated :class:`KVCache` (generation, export).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ecm.config import VARConfig
+from ecm.kv_cache import KVCache
+from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, draw_uniforms
+from ecm.runtime.scales import begin_ends
+from ecm.runtime.schedule import TemperatureSchedule, parse_temperature
+from ecm.sampling import cfg_weight, sample_tokens
+
+if TYPE_CHECKING:
+    from ecm.vqvae import VQVAE
+
+
+def attend(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
+           attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention with scale 1 (q and k are L2-normalised), as plain MatMul + Softmax."""
+    scores = q_BHlc @ k_BHLc.transpose(-2, -1)
+    if attn_bias is not None:
+        scores = scores + attn_bias
+    return scores.softmax(dim=-1) @ v_BHLc
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with L2-normalised q, k and a learned per-head temperature."""
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        C, H = cfg.embed_dim, cfg.num_heads
+        self.num_heads, self.head_dim = H, C // H
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
+        self.max_scale_mul = math.log(100)
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.register_buffer("zero_k_bias", torch.zeros(C))
+        self.proj = nn.Linear(C, C)
+
+    def qkv(self, x_BlC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project to heads: q (scaled), k (unit length) and v, each (B, H, l, c)."""
+        B, l, _ = x_BlC.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+        return F.normalize(q, dim=-1) * scale_mul, F.normalize(k, dim=-1), v
+
+    def forward(self, x_BlC: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, l, C = x_BlC.shape
+        q, k, v = self.qkv(x_BlC)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        return self.proj(attend(q, k, v, attn_bias).transpose(1, 2).reshape(B, l, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, C: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(C, hidden)
+        self.fc2 = nn.Linear(hidden, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Transformer block whose LayerNorms are modulated by the class condition (AdaLN)."""
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        C = cfg.embed_dim
+        self.C = C
+        self.attn = SelfAttention(cfg)
+        self.ffn = FFN(C, cfg.mlp_hidden)
+        self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def forward(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+        h = self.ln_wo_grad(x_BlC) * (scale1 + 1) + shift1
+        x_BlC = x_BlC + self.attn(h, attn_bias, cache, layer) * gamma1
+        h = self.ln_wo_grad(x_BlC) * (scale2 + 1) + shift2
+        return x_BlC + self.ffn(h) * gamma2
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.C = cfg.embed_dim
+        self.ln_wo_grad = nn.LayerNorm(self.C, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(self.C, 2 * self.C))
+
+    def forward(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x_BlC) * (scale + 1) + shift
+
+
+@dataclass
+class Generation:
+    """What :meth:`VAR.generate` returns."""
+
+    idx_list: list[torch.Tensor]  # tokens per scale, each (B, pn*pn)
+    f_hat: torch.Tensor  # final latent (B, Cvae, HW, HW)
+    images: torch.Tensor | None  # (B, 3, H, W) in [0, 1], or None with decode=False
+
+
+class VAR(nn.Module):
+    """Class-conditional next-scale prediction over the token pyramid of a :class:`VQVAE`."""
+
+    def __init__(self, cfg: VARConfig | None = None, vae: VQVAE | None = None):
+        super().__init__()
+        self.config = cfg = cfg or VARConfig()
+        C, L = cfg.embed_dim, cfg.L
+        self.patch_nums = cfg.patch_nums
+        self.begin_ends = begin_ends(cfg.patch_nums)
+        self.first_l = cfg.patch_nums[0] ** 2
+        self.num_classes = cfg.num_classes
+        self.cond_drop_rate = cfg.cond_drop_rate
+        self._vae: tuple[VQVAE, ...] = ()
+        if vae is not None:
+            self.attach_vae(vae)
+
+        self.word_embed = nn.Linear(cfg.Cvae, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
+        self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
+        self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg) for _ in range(cfg.depth))
+        self.head_nm = AdaLNBeforeHead(cfg)
+        self.head = nn.Linear(C, cfg.vocab_size)
+
+        lvl = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(cfg.patch_nums)])
+        self.register_buffer("lvl_1L", lvl.view(1, L))
+        causal = lvl.view(L, 1) >= lvl.view(1, L)  # a token sees its own and all earlier scales
+        bias = torch.zeros(L, L).masked_fill(~causal, float("-inf"))
+        self.register_buffer("attn_bias_for_masking", bias.view(1, 1, L, L))
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------- set-up
+    @property
+    def vae(self) -> VQVAE:
+        """The VQVAE whose tokens this VAR predicts (not part of the VAR state dict)."""
+        if not self._vae:
+            raise RuntimeError("this VAR has no VQVAE attached; pass vae= or call attach_vae(vae)")
+        return self._vae[0]
+
+    def attach_vae(self, vae: VQVAE) -> None:
+        """Use ``vae`` for generation; its codebook and scales must match this VAR."""
+        vc = vae.config
+        got = (vc.vocab_size, vc.z_channels, tuple(vc.patch_nums))
+        want = (self.config.vocab_size, self.config.Cvae, tuple(self.config.patch_nums))
+        if got != want:
+            raise ValueError(f"VQVAE (vocab, Cvae, patch_nums) = {got} does not match this VAR's {want}")
+        self._vae = (vae,)
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float = -1, init_head: float = 0.02, init_adaln: float = 0.5,
+                     init_adaln_gamma: float = 1e-3) -> None:
+        """Initialisation for training from scratch, following the official recipe."""
+        std = init_std if init_std > 0 else (1 / self.config.embed_dim / 3) ** 0.5
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        nn.init.trunc_normal_(self.pos_1LC, std=std)
+        self.head.weight.mul_(init_head)
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        C, depth = self.config.embed_dim, self.config.depth
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            block.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
+            block.ada_lin[-1].weight[: 2 * C].mul_(init_adaln_gamma)
+
+    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> KVCache:
+        """A KV cache for ``batch`` rows (2B with CFG) over all L positions of every block."""
+        cfg = self.config
+        return KVCache(cfg.depth, batch, cfg.num_heads, cfg.L, cfg.head_dim, self.pos_1LC.device, dtype)
+
+    # ----------------------------------------------------------------------------- pieces
+    def lvl_pos(self) -> torch.Tensor:
+        """Level embedding + absolute position embedding, (1, L, C)."""
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+
+    def class_cond(self, label_B: torch.Tensor) -> torch.Tensor:
+        """Class embedding; label ``num_classes`` is the unconditional class."""
+        return self.class_emb(label_B)
+
+    def first_token_map(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Input of scale 0: class embedding + start position + level/position embedding."""
+        B = cond_BD.shape[0]
+        sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        return sos + self.lvl_pos()[:, : self.first_l]
+
+    def embed_scale(self, si: int, f_BCpp: torch.Tensor) -> torch.Tensor:
+        """Input tokens of scale si from the area-sampled latent (B, Cvae, pn, pn)."""
+        b, e = self.begin_ends[si]
+        return self.word_embed(f_BCpp.flatten(2).transpose(1, 2)) + self.lvl_pos()[:, b:e]
+
+    def logits(self, h_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """AdaLN + vocabulary head, in fp32."""
+        return self.head(self.head_nm(h_BlC.float(), cond_BD).float()).float()
+
+    def run_blocks(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                   cache: KVCache | None = None) -> torch.Tensor:
+        """All transformer blocks, either masked (teacher forcing) or cached (one scale)."""
+        for i, block in enumerate(self.blocks):
+            x_BlC = block(x_BlC, cond_BD, attn_bias, cache, i)
+        return x_BlC
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (B, L, V) for all scales at once.
+
+        As in the official code, labels are replaced by the unconditional class with probability
+        ``cond_drop_rate`` (also in eval mode; set it to 0 for deterministic checks).
+        """
+        B = x_BLCv_wo_first_l.shape[0]
+        drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
+        label_B = torch.where(drop, self.num_classes, label_B)
+        cond_BD = self.class_cond(label_B)
+        sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1) + self.lvl_pos()
+        x_BLC = self.run_blocks(x_BLC, cond_BD, self.attn_bias_for_masking)
+        return self.logits(x_BLC, cond_BD)
+
+    def step(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run scale si: (B, pn*pn, C) input tokens -> (B, pn*pn, V) logits, extending the cache."""
+        b, e = self.begin_ends[si]
+        if cache.fill != b or x_BlC.shape[1] != e - b:
+            raise ValueError(f"scale {si} expects {e - b} tokens at cache fill {b}, "
+                             f"got {x_BlC.shape[1]} at fill {cache.fill}")
+        h_BlC = self.run_blocks(x_BlC, cond_BD, None, cache)
+        cache.advance(e - b)
+        return self.logits(h_BlC, cond_BD)
+
+    # ----------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, label_B: torch.Tensor | list[int], *, cfg: float = DEFAULT_CFG, top_k: int = DEFAULT_TOP_K,
+                 top_p: float = DEFAULT_TOP_P, temperature: str | float | TemperatureSchedule = DEFAULT_TEMPERATURE,
+                 seed: int = 0, uniforms: list[np.ndarray] | None = None, decode: bool = True) -> Generation:
+        """Class-conditional generation with CFG (official linear ramp), scale by scale.
+
+        Tokens are drawn by inverse-CDF sampling from uniforms (``draw_uniforms(seed, ...)`` unless
+        given), so a seed gives the same image in every backend. ``top_k=1`` is greedy.
+        """
+        device = self.pos_1LC.device
+        label_B = torch.as_tensor(label_B, device=device).long().view(-1)
+        B, K = label_B.shape[0], len(self.patch_nums)
+        temps = parse_temperature(temperature).values(K)
+        uniforms = uniforms if uniforms is not None else draw_uniforms(seed, B, self.patch_nums)
+        quant = self.vae.quantize
+
+        cond_BD = self.class_cond(torch.cat((label_B, torch.full_like(label_B, self.num_classes))))
+        cache = self.new_cache(2 * B)
+        x_BlC = self.first_token_map(cond_BD)
+        f_hat = torch.zeros(B, quant.Cvae, quant.HW, quant.HW, device=device)
+        idx_list = []
+        for si, pn in enumerate(self.patch_nums):
+            logits_2BlV = self.step(si, x_BlC, cond_BD, cache)
+            u_Bl = torch.as_tensor(uniforms[si], device=device)
+            idx_Bl = sample_tokens(logits_2BlV, u_Bl, cfg_t=cfg_weight(cfg, si, K), temperature=temps[si],
+                                   top_k=top_k, top_p=top_p)
+            idx_list.append(idx_Bl)
+            f_hat, next_BCpp = quant.next_input(si, f_hat, quant.embed(idx_Bl, pn))
+            if si + 1 < K:
+                x_BlC = self.embed_scale(si + 1, next_BCpp).repeat(2, 1, 1)
+        images = self.vae.fhat_to_img(f_hat) * 0.5 + 0.5 if decode else None
+        return Generation(idx_list, f_hat, images)
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(self, B: int, label_B: int | torch.Tensor | None, g_seed: int | None = None,
+                                 cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+        """The official entry point's signature: images (B, 3, H, W) in [0, 1].
+
+        ``label_B`` may be a tensor, an int (negative: unconditional) or None (random classes).
+        """
+        if label_B is None:
+            label_B = torch.from_numpy(np.random.default_rng(g_seed).integers(0, self.num_classes, B))
+        elif isinstance(label_B, int):
+            label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B)
+        out = self.generate(label_B, cfg=cfg, top_k=top_k, top_p=top_p, temperature=1.0,
+                            seed=0 if g_seed is None else g_seed)
+        return out.images
+
+    @classmethod
+    def from_checkpoint(cls, source: str | Path | dict[str, Any], vae: VQVAE | None = None,
+                        **overrides: Any) -> VAR:
+        """Load an official ``var_d*.pth`` or one of ours; depth and width come from the shapes."""
+        from ecm.checkpoint import load_var
+
+        return load_var(source, vae=vae, **overrides)

@@ -1,0 +1,1 @@
+"""ONNX export, precision conversion and TensorRT engine builds (installed as ``ecm.export``)."""

@@ -1,0 +1,37 @@
+"""The one exception type users see: a one-line message that names the problem and the fix."""
+
+
+class ECMError(Exception):
+    """A user-facing error. CLIs print ``error: <message>`` and exit non-zero, never a traceback."""
+
+
+class CheckpointError(ECMError):
+    """A checkpoint that cannot be read or does not fit the model it is loaded into."""
+
+
+class ConfigError(ECMError):
+    """An option or setting with a value the toolkit cannot use."""
+
+
+def exit_on_error(fn):
+    """Decorate a CLI entry point: an :class:`ECMError` becomes ``error: <message>`` and exit 2."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ECMError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
+
+
+def not_built(command: str, issue: str) -> None:
+    """Say plainly that a command does not exist yet, and fail."""
+    raise ECMError(f"{command} is not built yet (planned in {issue}); see the README's roadmap")

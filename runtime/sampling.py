@@ -1,0 +1,24 @@
+"""Uniforms for sampling, drawn the same way by every backend so that a seed means one image."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def draw_uniforms(seed: int, batch: int, patch_nums: tuple[int, ...]) -> list[np.ndarray]:
+    """One uniform in (0, 1] per token, scale by scale: a list of float32 arrays (batch, pn*pn).
+
+    Inverse-CDF sampling picks the first token whose cumulative probability reaches
+    ``u * total``; with u > 0 that token always has non-zero probability.
+    """
+    rng = np.random.default_rng(seed)
+    return [(1.0 - rng.random((batch, pn * pn), dtype=np.float64)).astype(np.float32) for pn in patch_nums]
+
+
+#: Sampling defaults, shared by eager generation, export manifests and the runtime CLI.
+#: cfg / top-k / top-p are the official VAR recommendation for FID; ECM models add a temperature
+#: schedule (see the manifest) that lowers the temperature on the late scales.
+DEFAULT_CFG = 1.5
+DEFAULT_TOP_K = 900
+DEFAULT_TOP_P = 0.96
+DEFAULT_TEMPERATURE = "1.0"
