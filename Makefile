@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch; GPU users can run `make setup TORCH=torch` (or install their own first).
+# torch 2.13.0: on this project's machines pip takes the CPU build from a local wheel. Elsewhere pick your
+# build, e.g. `make setup TORCH=torch` for the default (CUDA) one, or install torch first.
 TORCH  ?= torch==2.13.0
 EXTRAS ?= train,export,cpu,dev
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all lint clean default-model bench-early-centric
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,16 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# Reproduce the embedded default model (about an hour on two CPU cores), then pack it as fp16.
+default-model: setup
+	$(BIN)/ecm-pretrain --out runs/default/backbone
+	$(BIN)/ecm-train --control canny --vae runs/default/backbone/vqvae.safetensors \
+	    --var runs/default/backbone/var.safetensors --steps 1500 --out runs/default/ecm-canny
+	$(BIN)/python -m ecm.default_model --backbone runs/default/backbone --ecm runs/default/ecm-canny/ecm.safetensors
+
+bench-early-centric: setup
+	$(BIN)/python benchmarks/early_centric.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,10 @@ import torch.nn as nn
 from ecm.config import VARConfig, VQVAEConfig, config_from_dict, config_to_dict
 from ecm.runtime.errors import CheckpointError, ECMError
 from ecm.runtime.scales import PATCH_NUMS_256, total_tokens
+
+if TYPE_CHECKING:
+    from ecm.var import VAR
+    from ecm.vqvae import VQVAE
 
 StateDict = dict[str, torch.Tensor]
 
@@ -43,6 +47,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with open(tmp_path, "rb+") as f:  # on disk before it takes the final name
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
         os.replace(tmp_path, path)
     except OSError as e:
         raise ECMError(f"cannot write {path}: {e.strerror or e}; free some disk space or choose "
@@ -81,6 +90,14 @@ def read_checkpoint(source: str | Path | dict[str, Any]) -> tuple[StateDict, dic
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     return _read_torch(path)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The training step recorded in an ecm checkpoint's metadata."""
+    _, meta = read_checkpoint(path)
+    if "step" not in meta:
+        raise CheckpointError(f"{path} records no training step, so it cannot be resumed; start a new run")
+    return int(meta["step"])
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
@@ -151,14 +168,15 @@ def _build_and_load(build: Callable[[], nn.Module], state: StateDict, what: str)
     return model.eval()
 
 
-def _config_from_meta(meta: dict[str, str], kind: str, cls: type, overrides: dict[str, Any]) -> Any:
+def config_from_meta(meta: dict[str, str], kind: str, cls: type, overrides: dict[str, Any] | None = None) -> Any:
+    """The config stored in an ecm checkpoint's metadata, checked to be of ``kind``."""
     if meta.get("ecm_kind") not in (None, kind):
         raise CheckpointError(f"checkpoint holds a {meta['ecm_kind']}, not a {kind}; pass the {kind} file")
     try:
         data = json.loads(meta["config"])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"checkpoint metadata has no valid {kind} config; re-save it with ecm") from None
-    return config_from_dict(cls, {**data, **overrides})
+    return config_from_dict(cls, {**data, **(overrides or {})})
 
 
 def _count(state: StateDict, pattern: str) -> int:
@@ -177,7 +195,8 @@ def infer_vqvae_config(state: StateDict, **overrides: Any) -> VQVAEConfig:
     """The VQVAE config that an official-layout state dict was built with."""
     ch = _require(state, "encoder.conv_in.weight", "VQVAE").shape[0]
     levels = _count(state, r"encoder\.down\.(\d+)\.")
-    ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    ch_mult = tuple(_require(state, f"encoder.down.{i}.block.0.conv1.weight", "VQVAE").shape[0] // ch
+                    for i in range(levels))
     num_scales = _require(state, "quantize.ema_vocab_hit_SV", "VQVAE").shape[0]
     patch_nums = overrides.pop("patch_nums", PATCH_NUMS_256 if num_scales == len(PATCH_NUMS_256) else None)
     if patch_nums is None or len(patch_nums) != num_scales:
@@ -217,25 +236,25 @@ def infer_var_config(state: StateDict, patch_nums: tuple[int, ...] | None = None
     return VARConfig(**{**found, **overrides})
 
 
-def load_vqvae(source: str | Path | dict[str, Any], **overrides: Any):
+def load_vqvae(source: str | Path | dict[str, Any], **overrides: Any) -> VQVAE:
     """A VQVAE from an official or ecm checkpoint (see :meth:`VQVAE.from_checkpoint`)."""
     from ecm.vqvae import VQVAE
 
     state, meta = read_checkpoint(source)
     if "config" in meta:
-        cfg = _config_from_meta(meta, "vqvae", VQVAEConfig, overrides)
+        cfg = config_from_meta(meta, "vqvae", VQVAEConfig, overrides)
     else:
         cfg = infer_vqvae_config(state, **overrides)
     return _build_and_load(lambda: VQVAE(cfg), state, "VQVAE")
 
 
-def load_var(source: str | Path | dict[str, Any], vae=None, **overrides: Any):
+def load_var(source: str | Path | dict[str, Any], vae: VQVAE | None = None, **overrides: Any) -> VAR:
     """A VAR from an official or ecm checkpoint (see :meth:`VAR.from_checkpoint`)."""
     from ecm.var import VAR
 
     state, meta = read_checkpoint(source)
     if "config" in meta:
-        cfg = _config_from_meta(meta, "var", VARConfig, overrides)
+        cfg = config_from_meta(meta, "var", VARConfig, overrides)
     else:
         patch_nums = overrides.pop("patch_nums", vae.config.patch_nums if vae is not None else None)
         cfg = infer_var_config(state, patch_nums, **overrides)

@@ -2,30 +2,240 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+import numpy as np
 
-from ecm.runtime.errors import exit_on_error, not_built
+from ecm.runtime.errors import ECMError, exit_on_error, not_built
+from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_ECM_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def _device(device: str | None) -> str | None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ECMError("--device cuda, but this machine has no usable CUDA GPU (or torch is a CPU build); "
+                       "use --device cpu")
+    return device
+
+
+def _dataset(data: str | None, resolution: int, size: int, seed: int):
+    """``--data`` folder, or the procedural set when no folder is given."""
+    from ecm.data import ImageFolder, ProceduralShapes
+
+    if data is None:
+        return ProceduralShapes(size=size, resolution=resolution, seed=seed)
+    return ImageFolder(Path(data), resolution)
+
+
+POSITIVE = click.IntRange(min=1)
+DEVICE = click.Choice(["cpu", "cuda"])
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a run without --resume, and to resume nothing."""
+    states = [out / "train_state.pt", out / "vqvae" / "train_state.pt", out / "var" / "train_state.pt"]
+    if any(p.exists() for p in states):
+        if not resume:
+            raise ECMError(f"{out} already holds a training run; pass --resume to continue it or choose "
+                           "another --out")
+    elif resume:
+        raise ECMError(f"nothing to resume in {out}; start without --resume")
+
+
+@click.command()
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Image folder (one sub-folder per class, or flat). Default: the procedural shapes set.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/backbone"),
+              show_default=True, help="Folder for vqvae.safetensors, var.safetensors and logs.")
+@click.option("--vae-preset", default="tiny", show_default=True, help="VQVAE preset (tiny, official).")
+@click.option("--var-preset", default="tiny", show_default=True, help="VAR preset (tiny, d16, d20, d24, d30).")
+@click.option("--vae-steps", default=1200, type=POSITIVE, show_default=True, help="VQVAE optimisation steps.")
+@click.option("--var-steps", default=1200, type=POSITIVE, show_default=True, help="VAR optimisation steps.")
+@click.option("--vae-batch", default=16, type=POSITIVE, show_default=True, help="VQVAE batch size per process.")
+@click.option("--var-batch", default=32, type=POSITIVE, show_default=True, help="VAR batch size per process.")
+@click.option("--vae-lr", default=1e-3, show_default=True, help="VQVAE peak learning rate.")
+@click.option("--var-lr", default=1e-3, show_default=True, help="VAR peak learning rate.")
+@click.option("--num-images", default=4096, type=POSITIVE, show_default=True,
+              help="Size of the procedural set (ignored with --data).")
+@click.option("--seed", default=0, show_default=True, help="Seed of data order, initialisation and dropout.")
+@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @exit_on_error
-def pretrain() -> None:
-    """Train a small VQVAE and VAR backbone from scratch (not built yet)."""
-    not_built("ecm-pretrain", "the ECM training issue")
+def pretrain(data, out, vae_preset, var_preset, vae_steps, var_steps, vae_batch, var_batch, vae_lr, var_lr,
+             num_images, seed, device, resume) -> None:
+    """Train a small VQVAE and a VAR backbone from scratch (makes the embedded default model)."""
+    from ecm.config import var_config, vqvae_config
+    from ecm.data import InMemory
+    from ecm.pretrain import pretrain as run
+    from ecm.train import TrainSpec, dump_config, setup_distributed
+
+    _check_out(out, resume)
+    vae_cfg = vqvae_config(vae_preset)
+    ds = _dataset(data, vae_cfg.resolution, num_images, seed)
+    var_cfg = var_config(var_preset, vae=vae_cfg, num_classes=len(ds.classes))
+    dist = setup_distributed(_device(device))
+    vae_spec = TrainSpec(steps=vae_steps, batch=vae_batch, lr=vae_lr, seed=seed)
+    var_spec = TrainSpec(steps=var_steps, batch=var_batch, lr=var_lr, seed=seed + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(out, command="ecm-pretrain", data=data or "procedural", vae=vae_cfg, var=var_cfg,
+                vae_spec=vae_spec, var_spec=var_spec, num_images=num_images)
+    run(InMemory(ds), out, vae_cfg, var_cfg, vae_spec, var_spec, dist, resume)
+    if dist.main:
+        click.echo(f"backbone written to {out / 'vqvae.safetensors'} and {out / 'var.safetensors'}")
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def _backbone_options(fn):
+    fn = click.option("--var", "var_path", type=click.Path(dir_okay=False), default=None,
+                      help="VAR backbone checkpoint (official var_d*.pth or ours). Default: the embedded model.")(fn)
+    return click.option("--vae", "vae_path", type=click.Path(dir_okay=False), default=None,
+                        help="VQVAE checkpoint (official vae_*.pth or ours). Default: the embedded model.")(fn)
+
+
+@click.command()
+@click.option("--control", default="canny", show_default=True,
+              help="Control type: canny, another registered extractor, or folder:<name> for maps from a folder.")
+@click.option("--control-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of control maps for folder:<name>, paired with images by file stem.")
+@click.option("--canny-low", default=100, show_default=True, help="Lower Canny threshold (control canny).")
+@click.option("--canny-high", default=200, show_default=True, help="Upper Canny threshold (control canny).")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Image folder (one sub-folder per class, or flat). Default: the procedural shapes set.")
+@_backbone_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder for ecm.safetensors, logs and state. Default: runs/ecm-<control>.")
+@click.option("--preset", default=None, help="ECM size preset (tiny, base). Default: by backbone width.")
+@click.option("--steps", default=600, type=POSITIVE, show_default=True, help="Optimisation steps.")
+@click.option("--batch", default=32, type=POSITIVE, show_default=True, help="Batch size per process.")
+@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (warm-up, then cosine).")
+@click.option("--early-centric", default=0.8, show_default=True, type=click.FloatRange(0, 1),
+              help="Probability that a batch trains only on a prefix of the scales (0 = full sequences).")
+@click.option("--control-drop", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Probability of dropping a sample's control, so CFG can drop it.")
+@click.option("--num-images", default=4096, type=POSITIVE, show_default=True,
+              help="Size of the procedural set (ignored with --data).")
+@click.option("--seed", default=0, show_default=True, help="Seed of data order, initialisation and dropout.")
+@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @exit_on_error
-def train() -> None:
-    """Train ECM control adapters on a frozen VAR backbone (not built yet)."""
-    not_built("ecm-train", "the ECM training issue")
+def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path, out, preset, steps, batch, lr,
+          early_centric, control_drop, num_images, seed, device, resume) -> None:
+    """Train ECM control adapters on a frozen VAR backbone.
+
+    With no arguments: a short demonstration run on the embedded default backbone and the
+    procedural shapes (minutes on a CPU).
+    """
+    import torch
+
+    from ecm.adapters import ECM, ecm_config
+    from ecm.control_train import ControlData, train_ecm
+    from ecm.controls import Control
+    from ecm.data import InMemory
+    from ecm.default_model import load_backbone
+    from ecm.train import TrainSpec, dump_config, setup_distributed
+
+    out = out or Path("runs") / f"ecm-{control.replace(':', '-')}"
+    _check_out(out, resume)
+    vae, var = load_backbone(vae_path, var_path)
+    ctrl = Control(control, Path(control_dir) if control_dir else None, vae.config.resolution, canny_low, canny_high)
+    if ctrl.from_folder and data is None:
+        raise ECMError(f"--control {control} pairs maps with your images: pass --data with the image folder")
+    ds = _dataset(data, vae.config.resolution, num_images, seed)
+    if len(ds.classes) > var.num_classes:
+        raise ECMError(f"the data has {len(ds.classes)} classes but the backbone knows {var.num_classes}; "
+                       "use data with the backbone's classes or pretrain a backbone on it")
+    dist = setup_distributed(_device(device))
+    torch.manual_seed(seed)
+    ecm = ECM(ecm_config(var.config, vae.config.downsample, preset, control=control, canny_low=canny_low,
+                         canny_high=canny_high)).to(dist.device)
+    var.to(dist.device), vae.to(dist.device)
+    spec = TrainSpec(steps=steps, batch=batch, lr=lr, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(out, command="ecm-train", control=control, data=data or "procedural", vae=vae_path or "default",
+                var=var_path or "default", ecm=ecm.config, spec=spec, early_centric=early_centric,
+                control_drop=control_drop)
+    data_ctrl = ControlData(InMemory(ds), ctrl, vae)
+    train_ecm(ecm, var, data_ctrl, out, spec, control, early_centric, control_drop, dist, resume)
+    if dist.main:
+        click.echo(f"adapters written to {out / 'ecm.safetensors'}")
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command()
+@click.option("--ecm", "ecm_path", type=click.Path(dir_okay=False), default=None,
+              help="Adapter checkpoint from ecm-train. Default: the embedded default model's.")
+@_backbone_options
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Held-out image folder to evaluate on. Default: held-out procedural shapes.")
+@click.option("--num-images", default=64, type=POSITIVE, show_default=True, help="Images to evaluate.")
+@click.option("--cfg", default=DEFAULT_CFG, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, help="Top-k sampling (1 = greedy).")
+@click.option("--top-p", default=DEFAULT_TOP_P, show_default=True, help="Top-p (nucleus) sampling.")
+@click.option("--temperature", default=DEFAULT_ECM_TEMPERATURE, show_default=True,
+              help="Temperature schedule: T, A:B, A:B@k or linear:A:B.")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=Path("ecm_eval.png"),
+              show_default=True, help="PNG grid: condition | ECM | edge overlay | backbone alone.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the figures as JSON here.")
 @exit_on_error
-def evaluate() -> None:
-    """Measure control fidelity of a trained ECM (not built yet)."""
-    not_built("ecm-eval", "the ECM training issue")
+def evaluate(ecm_path, vae_path, var_path, data, num_images, cfg, top_k, top_p, temperature, seed, grid,
+             json_path) -> None:
+    """Measure Canny control fidelity (F1) of ECM against the backbone without control."""
+    import json
+
+    from tqdm import tqdm
+
+    from ecm.checkpoint import atomic_path
+    from ecm.control_train import load_ecm
+    from ecm.data import ImageFolder, ProceduralShapes
+    from ecm.default_model import HELD_OUT_SEED, default_paths, load_backbone
+    from ecm.evaluate import evaluate as run
+    from ecm.runtime.schedule import parse_temperature
+
+    parse_temperature(temperature)
+    vae, var = load_backbone(vae_path, var_path)
+    ecm, meta = load_ecm(ecm_path or default_paths()[2], var)
+    if meta.get("control") != "canny":
+        raise ECMError(f"ecm-eval measures Canny F1, but these adapters follow {meta.get('control')!r}; "
+                       "evaluate Canny adapters")
+    if data is None:
+        held_out = ProceduralShapes(num_images, vae.config.resolution, HELD_OUT_SEED)
+    else:
+        held_out = ImageFolder(Path(data), vae.config.resolution)
+    n = min(num_images, len(held_out))
+    images = np.stack([held_out[i][0] for i in range(n)])
+    labels = np.array([min(held_out[i][1], var.num_classes) for i in range(n)])
+    res = run(var, ecm, images, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
+              grid_path=grid, progress=lambda it: tqdm(it, desc="eval", dynamic_ncols=True))
+    click.echo(res.table())
+    click.echo(f"grid written to {grid}")
+    if json_path:
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(json.dumps({**res.__dict__, "ratio": res.ratio, "cfg": cfg, "top_k": top_k,
+                                       "top_p": top_p, "temperature": temperature, "seed": seed}, indent=2))
+
+
+@click.command()
+@click.option("--preset", "presets", multiple=True, default=("tiny", "d16", "d20", "d24", "d30"), show_default=True,
+              help="Backbone presets to report (repeatable).")
+@exit_on_error
+def params(presets) -> None:
+    """Print exact ECM parameter counts per backbone preset, and their share of the backbone."""
+    import torch
+
+    from ecm.adapters import ECM, count_parameters, ecm_config
+    from ecm.config import VAR_PRESET_VAE, var_config, vqvae_config
+    from ecm.var import VAR
+
+    click.echo(f"{'backbone':10}{'backbone params':>18}{'ECM params':>14}{'share':>9}  adapters at blocks")
+    for name in presets:
+        vae_cfg = vqvae_config(VAR_PRESET_VAE.get(name, "official"))
+        with torch.device("meta"):
+            var = VAR(var_config(name, vae=vae_cfg))
+            ecm = ECM(ecm_config(var.config, vae_cfg.downsample))
+        nb, ne = count_parameters(var), count_parameters(ecm)
+        click.echo(f"{name:10}{nb:18,}{ne:14,}{ne / nb:9.2%}  {list(ecm.config.positions)}")
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

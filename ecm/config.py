@@ -26,6 +26,7 @@ class VQVAEConfig:
     share_quant_resi: int = 4
     patch_nums: tuple[int, ...] = PATCH_NUMS_256
     beta: float = 0.25
+    norm_groups: int = 32  # GroupNorm groups; fewer for narrow models, so a group keeps colour contrast
 
     @property
     def downsample(self) -> int:
@@ -70,7 +71,7 @@ VQVAE_PRESETS: dict[str, VQVAEConfig] = {
     # 64 px images, 8x down-sampling to an 8x8 latent, six scales (L = 130): trains on two CPU cores.
     "tiny": VQVAEConfig(
         vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
-        patch_nums=(1, 2, 3, 4, 6, 8),
+        patch_nums=(1, 2, 3, 4, 6, 8), norm_groups=8,
     ),
 }
 

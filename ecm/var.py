@@ -21,12 +21,20 @@ import torch.nn.functional as F
 
 from ecm.config import VARConfig
 from ecm.kv_cache import KVCache
-from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, draw_uniforms
+from ecm.runtime.sampling import (
+    DEFAULT_CFG,
+    DEFAULT_ECM_TEMPERATURE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    draw_uniforms,
+)
 from ecm.runtime.scales import begin_ends
 from ecm.runtime.schedule import TemperatureSchedule, parse_temperature
 from ecm.sampling import cfg_weight, sample_tokens
 
 if TYPE_CHECKING:
+    from ecm.adapters import ECM, ControlState, Injector
     from ecm.vqvae import VQVAE
 
 
@@ -73,6 +81,8 @@ class SelfAttention(nn.Module):
 
 
 class FFN(nn.Module):
+    """Linear -> GELU (tanh) -> Linear."""
+
     def __init__(self, C: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(C, hidden)
@@ -104,6 +114,8 @@ class AdaLNSelfAttn(nn.Module):
 
 
 class AdaLNBeforeHead(nn.Module):
+    """The head's AdaLN: LayerNorm modulated by (scale, shift) from the class condition."""
+
     def __init__(self, cfg: VARConfig):
         super().__init__()
         self.C = cfg.embed_dim
@@ -224,62 +236,85 @@ class VAR(nn.Module):
         return self.head(self.head_nm(h_BlC.float(), cond_BD).float()).float()
 
     def run_blocks(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None = None,
-                   cache: KVCache | None = None) -> torch.Tensor:
-        """All transformer blocks, either masked (teacher forcing) or cached (one scale)."""
+                   cache: KVCache | None = None, inject: Injector | None = None) -> torch.Tensor:
+        """All transformer blocks, either masked (teacher forcing) or cached (one scale).
+
+        ``inject(i, h)`` runs after block i: that is where ECM adapters add their control.
+        """
         for i, block in enumerate(self.blocks):
             x_BlC = block(x_BlC, cond_BD, attn_bias, cache, i)
+            if inject is not None:
+                x_BlC = inject(i, x_BlC)
         return x_BlC
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, ecm: ECM | None = None,
+                ctrl_BLC: torch.Tensor | None = None, num_scales: int | None = None) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) for all scales at once.
 
         As in the official code, labels are replaced by the unconditional class with probability
-        ``cond_drop_rate`` (also in eval mode; set it to 0 for deterministic checks).
+        ``cond_drop_rate`` (also in eval mode; set it to 0 for deterministic checks). With ``ecm``
+        and its control tokens the adapters run too. ``num_scales`` keeps only the first scales:
+        block-causal attention makes any prefix a valid sequence (early-centric training).
         """
         B = x_BLCv_wo_first_l.shape[0]
+        ed = self.begin_ends[(num_scales or len(self.patch_nums)) - 1][1]
         drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
         label_B = torch.where(drop, self.num_classes, label_B)
         cond_BD = self.class_cond(label_B)
-        sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
-        x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1) + self.lvl_pos()
-        x_BLC = self.run_blocks(x_BLC, cond_BD, self.attn_bias_for_masking)
+        x_BLCv = x_BLCv_wo_first_l[:, : ed - self.first_l].float()
+        rest_BLC = self.word_embed(x_BLCv) + self.lvl_pos()[:, self.first_l:ed]
+        x_BLC = torch.cat((self.first_token_map(cond_BD), rest_BLC), dim=1)
+        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
+        inject = ecm.injector(ctrl_BLC[:, :ed], attn_bias) if ecm is not None else None
+        x_BLC = self.run_blocks(x_BLC, cond_BD, attn_bias, inject=inject)
         return self.logits(x_BLC, cond_BD)
 
-    def step(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run scale si: (B, pn*pn, C) input tokens -> (B, pn*pn, V) logits, extending the cache."""
+    def step(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor, cache: KVCache,
+             control: ControlState | None = None) -> torch.Tensor:
+        """Run scale si: (B, pn*pn, C) input tokens -> (B, pn*pn, V) logits, extending the cache(s)."""
         b, e = self.begin_ends[si]
         if cache.fill != b or x_BlC.shape[1] != e - b:
             raise ValueError(f"scale {si} expects {e - b} tokens at cache fill {b}, "
                              f"got {x_BlC.shape[1]} at fill {cache.fill}")
-        h_BlC = self.run_blocks(x_BlC, cond_BD, None, cache)
+        inject = control.injector(si) if control is not None else None
+        h_BlC = self.run_blocks(x_BlC, cond_BD, None, cache, inject)
         cache.advance(e - b)
+        if control is not None:
+            control.advance(e - b)
         return self.logits(h_BlC, cond_BD)
 
     # ----------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, label_B: torch.Tensor | list[int], *, cfg: float = DEFAULT_CFG, top_k: int = DEFAULT_TOP_K,
-                 top_p: float = DEFAULT_TOP_P, temperature: str | float | TemperatureSchedule = DEFAULT_TEMPERATURE,
-                 seed: int = 0, uniforms: list[np.ndarray] | None = None, decode: bool = True) -> Generation:
+                 top_p: float = DEFAULT_TOP_P, temperature: str | float | TemperatureSchedule | None = None,
+                 seed: int = 0, uniforms: list[np.ndarray] | None = None, decode: bool = True,
+                 ecm: ECM | None = None, control_B3HW: torch.Tensor | None = None) -> Generation:
         """Class-conditional generation with CFG (official linear ramp), scale by scale.
 
         Tokens are drawn by inverse-CDF sampling from uniforms (``draw_uniforms(seed, ...)`` unless
-        given), so a seed gives the same image in every backend. ``top_k=1`` is greedy.
+        given), so a seed gives the same image in every backend. ``top_k=1`` is greedy. With
+        ``ecm`` and a control image per row, the adapters steer every scale; CFG's unconditional
+        rows drop both the class and the control. The temperature schedule defaults to
+        ``DEFAULT_ECM_TEMPERATURE`` with adapters and ``DEFAULT_TEMPERATURE`` without.
         """
         device = self.pos_1LC.device
         label_B = torch.as_tensor(label_B, device=device).long().view(-1)
         B, K = label_B.shape[0], len(self.patch_nums)
+        if temperature is None:
+            temperature = DEFAULT_ECM_TEMPERATURE if ecm is not None else DEFAULT_TEMPERATURE
         temps = parse_temperature(temperature).values(K)
         uniforms = uniforms if uniforms is not None else draw_uniforms(seed, B, self.patch_nums)
         quant = self.vae.quantize
 
         cond_BD = self.class_cond(torch.cat((label_B, torch.full_like(label_B, self.num_classes))))
         cache = self.new_cache(2 * B)
+        control = ecm.start(control_B3HW.to(device)) if ecm is not None else None
         x_BlC = self.first_token_map(cond_BD)
         f_hat = torch.zeros(B, quant.Cvae, quant.HW, quant.HW, device=device)
         idx_list = []
         for si, pn in enumerate(self.patch_nums):
-            logits_2BlV = self.step(si, x_BlC, cond_BD, cache)
+            logits_2BlV = self.step(si, x_BlC, cond_BD, cache, control)
             u_Bl = torch.as_tensor(uniforms[si], device=device)
             idx_Bl = sample_tokens(logits_2BlV, u_Bl, cfg_t=cfg_weight(cfg, si, K), temperature=temps[si],
                                    top_k=top_k, top_p=top_p)
@@ -292,11 +327,15 @@ class VAR(nn.Module):
 
     @torch.no_grad()
     def autoregressive_infer_cfg(self, B: int, label_B: int | torch.Tensor | None, g_seed: int | None = None,
-                                 cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+                                 cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                                 more_smooth: bool = False) -> torch.Tensor:
         """The official entry point's signature: images (B, 3, H, W) in [0, 1].
 
         ``label_B`` may be a tensor, an int (negative: unconditional) or None (random classes).
+        The visualisation-only Gumbel smoothing (``more_smooth=True``) is not supported.
         """
+        if more_smooth:
+            raise ValueError("more_smooth (Gumbel smoothing for visualisation) is not supported; use False")
         if label_B is None:
             label_B = torch.from_numpy(np.random.default_rng(g_seed).integers(0, self.num_classes, B))
         elif isinstance(label_B, int):

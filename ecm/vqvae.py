@@ -18,16 +18,16 @@ from ecm.config import VQVAEConfig
 from ecm.runtime.scales import phi_table
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = _norm(out_ch, groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -40,9 +40,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with a residual connection."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.norm = _norm(ch)
+        self.norm = _norm(ch, groups)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -89,11 +89,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, ch: int, attn: bool):
+    def __init__(self, ch: int, attn: bool, groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(ch, ch)
-        self.attn_1 = AttnBlock(ch) if attn else nn.Identity()
-        self.block_2 = ResnetBlock(ch, ch)
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.attn_1 = AttnBlock(ch, groups) if attn else nn.Identity()
+        self.block_2 = ResnetBlock(ch, ch, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -108,15 +108,16 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         for i in range(len(cfg.ch_mult)):
             ch_in, ch_out = cfg.ch * mult[i], cfg.ch * mult[i + 1]
-            blocks = [ResnetBlock(ch_in if j == 0 else ch_out, ch_out) for j in range(cfg.num_res_blocks)]
-            attns = [AttnBlock(ch_out) for _ in blocks] if (i == last and cfg.using_sa) else []
+            g = cfg.norm_groups
+            blocks = [ResnetBlock(ch_in if j == 0 else ch_out, ch_out, g) for j in range(cfg.num_res_blocks)]
+            attns = [AttnBlock(ch_out, g) for _ in blocks] if (i == last and cfg.using_sa) else []
             level = _Level(blocks, attns)
             if i != last:
                 level.downsample = Downsample(ch_out)
             self.down.append(level)
         ch = cfg.ch * cfg.ch_mult[-1]
-        self.mid = _Mid(ch, cfg.using_mid_sa)
-        self.norm_out = _norm(ch)
+        self.mid = _Mid(ch, cfg.using_mid_sa, cfg.norm_groups)
+        self.norm_out = _norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,19 +135,20 @@ class Decoder(nn.Module):
         last = len(cfg.ch_mult) - 1
         ch = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = _Mid(ch, cfg.using_mid_sa)
+        self.mid = _Mid(ch, cfg.using_mid_sa, cfg.norm_groups)
+        g = cfg.norm_groups
         levels = []
         for i in reversed(range(len(cfg.ch_mult))):
             ch_out = cfg.ch * cfg.ch_mult[i]
-            blocks = [ResnetBlock(ch if j == 0 else ch_out, ch_out) for j in range(cfg.num_res_blocks + 1)]
-            attns = [AttnBlock(ch_out) for _ in blocks] if (i == last and cfg.using_sa) else []
+            blocks = [ResnetBlock(ch if j == 0 else ch_out, ch_out, g) for j in range(cfg.num_res_blocks + 1)]
+            attns = [AttnBlock(ch_out, g) for _ in blocks] if (i == last and cfg.using_sa) else []
             level = _Level(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(ch_out)
             levels.insert(0, level)
             ch = ch_out
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(ch)
+        self.norm_out = _norm(ch, g)
         self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -191,6 +193,7 @@ class MultiScaleQuantizer(nn.Module):
         self.patch_nums = cfg.patch_nums
         self.Cvae = cfg.z_channels
         self.vocab_size = cfg.vocab_size
+        self.beta = cfg.beta
         self.quant_resi = PhiShared(cfg)
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
@@ -215,8 +218,9 @@ class MultiScaleQuantizer(nn.Module):
         return self.quant_resi[si](resample.bicubic(h_BChw, self.HW))
 
     @torch.no_grad()
+    @torch.autocast("cuda", enabled=False)
     def f_to_idxBl(self, f_BChw: torch.Tensor) -> list[torch.Tensor]:
-        """Quantize a latent into one token map per scale, coarse to fine."""
+        """Quantize a latent into one token map per scale, coarse to fine (always in fp32)."""
         B, C = f_BChw.shape[:2]
         f_rest = f_BChw.detach().float().clone()
         idx_list = []
@@ -243,12 +247,58 @@ class MultiScaleQuantizer(nn.Module):
         pn_next = self.patch_nums[min(si + 1, len(self.patch_nums) - 1)]
         return f_hat, resample.area(f_hat, pn_next)
 
-    def idxBl_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
-        """Teacher-forcing input of VAR: the inputs of scales 1..K-1, (B, L - first_l, Cvae)."""
+    @torch.autocast("cuda", enabled=False)
+    def forward(self, f_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass (fp32): quantized latent with a straight-through gradient, and the VQ loss.
+
+        The loss averages, over the scales, the codebook term ``|sg(f) - f_hat|^2`` and the
+        commitment term ``beta |f - sg(f_hat)|^2`` of the partial reconstruction.
+        """
+        f_BChw = f_BChw.float()
+        f_rest = f_BChw.detach().clone()
+        f_hat = torch.zeros_like(f_rest)
+        loss = f_BChw.new_zeros(())
+        residuals = []
+        for si, pn in enumerate(self.patch_nums):
+            z_NC = resample.area(f_rest, pn).permute(0, 2, 3, 1).reshape(-1, self.Cvae)
+            idx_Bl = self.nearest_code(z_NC.detach()).view(f_BChw.shape[0], pn * pn)
+            if self.training:
+                hits = torch.bincount(idx_Bl.flatten(), minlength=self.vocab_size).float()
+                self.ema_vocab_hit_SV[si].mul_(0.9).add_(hits, alpha=0.1)
+                residuals.append(z_NC.detach())
+            h_BChw = self.upsampled_residual(si, self.embed(idx_Bl, pn))
+            f_hat = f_hat + h_BChw
+            f_rest = f_rest - h_BChw.detach()
+            loss = loss + F.mse_loss(f_hat, f_BChw.detach()) + self.beta * F.mse_loss(f_hat.detach(), f_BChw)
+        if self.training:
+            self._recent_residuals = torch.cat(residuals)
+        return (f_hat.detach() - f_BChw.detach()) + f_BChw, loss / len(self.patch_nums)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, min_hits: float = 0.03) -> int:
+        """Move codes that (almost) no scale uses onto residuals seen in the last training batch.
+
+        Keeps the codebook alive while training from scratch; returns how many codes moved.
+        """
+        pool = getattr(self, "_recent_residuals", None)
+        dead = (self.ema_vocab_hit_SV.sum(0) < min_hits).nonzero().flatten()
+        if pool is None or len(dead) == 0:
+            return 0
+        pick = torch.randint(0, pool.shape[0], (len(dead),), device=pool.device)
+        self.embedding.weight[dead] = pool[pick] + 0.01 * pool.std() * torch.randn_like(pool[pick])
+        self.ema_vocab_hit_SV[:, dead] = 1.0  # give them time to be picked before judging again
+        return len(dead)
+
+    @torch.autocast("cuda", enabled=False)
+    def idxBl_to_var_input(self, idx_list: list[torch.Tensor], num_scales: int | None = None) -> torch.Tensor:
+        """Teacher-forcing input of VAR: the inputs of scales 1..K-1, (B, L - first_l, Cvae).
+
+        With ``num_scales`` only the inputs of scales 1..num_scales-1 (needs that many - 1 token maps).
+        """
         B = idx_list[0].shape[0]
         f_hat = torch.zeros(B, self.Cvae, self.HW, self.HW, device=idx_list[0].device)
         inputs = []
-        for si in range(len(self.patch_nums) - 1):
+        for si in range((num_scales or len(self.patch_nums)) - 1):
             f_hat, next_BCpp = self.next_input(si, f_hat, self.embed(idx_list[si], self.patch_nums[si]))
             inputs.append(next_BCpp.flatten(2).transpose(1, 2))
         return torch.cat(inputs, dim=1)
@@ -284,17 +334,36 @@ class VQVAE(nn.Module):
         """Decode a latent to an image in [-1, 1]."""
         return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
 
-    def idxBl_to_img(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
-        """Decode the tokens of all scales to an image in [-1, 1]."""
-        return self.fhat_to_img(self.quantize.idxBl_to_fhat(idx_list))
+    def idxBl_to_img(self, idx_list: list[torch.Tensor], same_shape: bool = True,
+                     last_one: bool = True) -> torch.Tensor | list[torch.Tensor]:
+        """Decode the tokens of all scales to an image in [-1, 1].
 
-    def img_to_reconstructed_img(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        """Encode, quantize over all scales, decode."""
-        return self.idxBl_to_img(self.img_to_idxBl(img_B3HW))
+        ``last_one=False`` returns the image after every scale (coarse to fine), as the official
+        method does; ``same_shape`` is accepted for its signature (only True is supported).
+        """
+        if not same_shape:
+            raise ValueError("same_shape=False (experimental in the official code) is not supported")
+        if last_one:
+            return self.fhat_to_img(self.quantize.idxBl_to_fhat(idx_list))
+        return [self.fhat_to_img(self.quantize.idxBl_to_fhat(idx_list[: k + 1])) for k in range(len(idx_list))]
+
+    def img_to_reconstructed_img(self, img_B3HW: torch.Tensor,
+                                 last_one: bool = True) -> torch.Tensor | list[torch.Tensor]:
+        """Encode, quantize over all scales, decode (every scale's image with ``last_one=False``)."""
+        return self.idxBl_to_img(self.img_to_idxBl(img_B3HW), last_one=last_one)
+
+    def forward(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: reconstruction (straight-through quantization) and the VQ loss."""
+        f_hat, vq_loss = self.quantize(self.img_to_f(img_B3HW))
+        return self.decoder(self.post_quant_conv(f_hat)), vq_loss
 
     @classmethod
     def from_checkpoint(cls, source: str | Path | dict[str, Any], **overrides: Any) -> VQVAE:
-        """Load an official ``vae_*.pth`` or one of ours; the config is inferred from the shapes."""
+        """Load an official ``vae_*.pth`` or one of ours; the config is inferred from the shapes.
+
+        A flat state dict does not record ``patch_nums`` (ten scales are taken to be the official
+        ones) or ``norm_groups`` (32, as released): pass them as overrides for other models.
+        """
         from ecm.checkpoint import load_vqvae
 
         return load_vqvae(source, **overrides)

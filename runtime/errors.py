@@ -1,5 +1,14 @@
 """The one exception type users see: a one-line message that names the problem and the fix."""
 
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 class ECMError(Exception):
     """A user-facing error. CLIs print ``error: <message>`` and exit non-zero, never a traceback."""
@@ -13,13 +22,11 @@ class ConfigError(ECMError):
     """An option or setting with a value the toolkit cannot use."""
 
 
-def exit_on_error(fn):
+def exit_on_error(fn: F) -> F:
     """Decorate a CLI entry point: an :class:`ECMError` becomes ``error: <message>`` and exit 2."""
-    import functools
-    import sys
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except ECMError as e:
@@ -29,9 +36,9 @@ def exit_on_error(fn):
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]
 
 
-def not_built(command: str, issue: str) -> None:
+def not_built(command: str, issue: str) -> NoReturn:
     """Say plainly that a command does not exist yet, and fail."""
     raise ECMError(f"{command} is not built yet (planned in {issue}); see the README's roadmap")

@@ -22,3 +22,5 @@ DEFAULT_CFG = 1.5
 DEFAULT_TOP_K = 900
 DEFAULT_TOP_P = 0.96
 DEFAULT_TEMPERATURE = "1.0"
+#: ECM trains the late scales on fewer tokens (early-centric sampling): cool them at inference.
+DEFAULT_ECM_TEMPERATURE = "1.0:0.8"

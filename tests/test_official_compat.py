@@ -48,7 +48,9 @@ def test_official_flat_pth_file_round_trips(tmp_path, tiny_pair):
     vae, var = tiny_pair
     torch.save(vae.state_dict(), tmp_path / "vae.pth")
     torch.save(var.state_dict(), tmp_path / "var.pth")
-    vae2 = VQVAE.from_checkpoint(tmp_path / "vae.pth", patch_nums=vae.config.patch_nums)
+    # A flat state dict cannot tell the scales or GroupNorm groups of a non-official model: pass them.
+    vae2 = VQVAE.from_checkpoint(tmp_path / "vae.pth", patch_nums=vae.config.patch_nums,
+                                 norm_groups=vae.config.norm_groups)
     var2 = VAR.from_checkpoint(tmp_path / "var.pth", vae=vae2)
     assert vae2.config == vae.config and var2.config.depth == var.config.depth
     img = torch.rand(1, 3, 64, 64) * 2 - 1

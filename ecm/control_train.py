@@ -1,0 +1,147 @@
+"""``ecm-train``: ECM adapters on a frozen backbone, with early-centric sampling.
+
+Early-centric sampling: with probability ``strength`` a batch is cut after a random number of
+scales (uniform over 2 .. K-1), so it trains on a prefix of the token pyramid; otherwise on all of
+it. Block-causal attention makes every prefix a valid sequence, and because late scales hold
+most tokens, a cut batch costs a fraction of a full one. ``strength = 0`` is plain full-sequence
+training. Control dropout replaces the control of a sample by none, so CFG can drop it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ecm.adapters import ECM, ECMConfig
+from ecm.checkpoint import config_from_meta, read_checkpoint, save_safetensors
+from ecm.config import config_to_dict
+from ecm.controls import Control
+from ecm.data import InMemory, to_model_range
+from ecm.runtime.errors import CheckpointError
+from ecm.train import Dist, TrainSpec, batch_indices, cross_entropy, fit, tensor_hash
+from ecm.var import VAR
+from ecm.vqvae import VQVAE
+
+
+def sample_num_scales(rng: np.random.Generator, num_scales: int, strength: float) -> int:
+    """How many scales this batch trains on (early-centric when strength > 0)."""
+    if strength > 0 and num_scales > 2 and rng.random() < strength:
+        return int(rng.integers(2, num_scales))
+    return num_scales
+
+
+class ControlData:
+    """Images, labels, control maps and the frozen VQVAE's tokens, as arrays.
+
+    Tokens are computed once: the VQVAE is frozen and the images are fixed, so no step re-encodes.
+    """
+
+    def __init__(self, data: InMemory, control: Control, vae: VQVAE, batch: int = 64):
+        if data.paths is not None:
+            control.check_pairs(data.paths)
+        self.labels = data.labels
+        paths = data.paths or [None] * len(data)
+        self.controls = np.stack([control(img, p) for img, p in zip(data.images, paths)])
+        device = next(vae.parameters()).device
+        chunks = []
+        for b in tqdm(range(0, len(data), batch), desc="tokenizing", leave=False, dynamic_ncols=True):
+            img = to_model_range(data.images[b:b + batch]).to(device)
+            chunks.append(torch.cat(vae.img_to_idxBl(img), dim=1).to(torch.int16 if vae.config.vocab_size
+                                                                        <= 32768 else torch.int32).cpu())
+        self.tokens_NL = torch.cat(chunks)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: np.ndarray, device: torch.device):
+        """Labels, control images in [-1, 1] and tokens (B, L) of the samples ``idx``."""
+        label = torch.from_numpy(self.labels[idx]).to(device)
+        return label, to_model_range(self.controls[idx]).to(device), self.tokens_NL[idx].long().to(device)
+
+
+class ECMTask(nn.Module):
+    """Teacher-forced loss of backbone + ECM; only the ECM has trainable parameters."""
+
+    def __init__(self, ecm: ECM, var: VAR, data: ControlData, batch: int, dist: Dist,
+                 early_centric: float, control_drop: float):
+        super().__init__()
+        self.ecm, self.data, self.batch, self.dist = ecm, data, batch, dist
+        self.early_centric, self.control_drop = early_centric, control_drop
+        self.backbone = (var,)  # frozen: kept out of the trained module's parameters
+
+    def forward(self, step: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+        var = self.backbone[0]
+        label, ctrl, tokens_BL = self.data.batch(batch_indices(rng, len(self.data), self.batch, self.dist),
+                                                 self.dist.device)
+        K = sample_num_scales(rng, len(var.patch_nums), self.early_centric)
+        ed = var.begin_ends[K - 1][1]
+        with torch.no_grad():
+            idx_list = [tokens_BL[:, b:e] for b, e in var.begin_ends[: max(K - 1, 1)]]
+            x_BLCv = var.vae.quantize.idxBl_to_var_input(idx_list, num_scales=K)
+        keep_B = torch.from_numpy(rng.random(label.shape[0]) >= self.control_drop).to(label.device)
+        ctrl_BLC = self.ecm.control_tokens(ctrl, keep_B)
+        logits = var(label, x_BLCv, self.ecm, ctrl_BLC, num_scales=K)
+        return cross_entropy(logits, tokens_BL[:, :ed]), label.shape[0] * ed
+
+
+def save_ecm(ecm: ECM, path: Path, backbone_hash: str, control: str, step: int, extra: dict | None = None) -> None:
+    """Adapter-only checkpoint: weights, config, control type and the backbone's hash."""
+    meta = {"ecm_kind": "ecm", "config": json.dumps(config_to_dict(ecm.config)), "backbone_hash": backbone_hash,
+            "control": control, "step": str(step), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    save_safetensors(ecm.state_dict(), path, meta)
+
+
+def load_ecm(path: str | Path, var: VAR | None = None) -> tuple[ECM, dict[str, str]]:
+    """Load adapters; with ``var``, refuse a backbone other than the one they were trained on."""
+    state, meta = read_checkpoint(path)
+    if meta.get("ecm_kind") != "ecm":
+        raise CheckpointError(f"{path} is not an ECM adapter checkpoint (it holds "
+                              f"{meta.get('ecm_kind', 'a plain state dict')}); pass the file ecm-train wrote")
+    ecm = ECM(config_from_meta(meta, "ecm", ECMConfig))
+    try:
+        ecm.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError:  # keys or shapes of another config
+        raise CheckpointError(f"{path}: adapter weights do not fit their own config; the file is damaged") from None
+    if var is not None:
+        ecm.check_backbone(var.config)
+        got = tensor_hash(var.state_dict())
+        if meta.get("backbone_hash") != got:
+            raise CheckpointError(f"{path} was trained on backbone {meta.get('backbone_hash')}, but the loaded "
+                                  f"backbone is {got}; load the backbone these adapters belong to")
+    return ecm.eval(), meta
+
+
+def train_ecm(ecm: ECM, var: VAR, data: ControlData, out_dir: Path, spec: TrainSpec, control: str,
+              early_centric: float, control_drop: float, dist: Dist | None = None, resume: bool = False) -> list[dict]:
+    """Train the adapters into ``out_dir/ecm.safetensors``; the backbone is checked to stay frozen.
+
+    With ``resume``, ``ecm`` must have the config of the run's checkpoint (see :func:`load_ecm`).
+    """
+    dist = dist or Dist()
+    var.eval().requires_grad_(False)
+    backbone_hash, exact_before = tensor_hash(var.state_dict()), tensor_hash(var.state_dict(), exact=True)
+    path = Path(out_dir) / "ecm.safetensors"
+    resume_from = None
+    if resume:
+        saved, meta = load_ecm(path, var)
+        if saved.config != ecm.config or meta.get("control") != control:
+            raise CheckpointError(f"{path} was trained with another ECM config or control ({meta.get('control')}); "
+                                  "resume with the run's original options")
+        ecm.load_state_dict(saved.state_dict())
+        resume_from = int(meta["step"])
+
+    def save(step: int) -> None:
+        save_ecm(ecm, path, backbone_hash, control, step,
+                 {"early_centric": early_centric, "spec": asdict(spec)})
+
+    task = ECMTask(ecm.train(), var, data, spec.batch, dist, early_centric, control_drop)
+    records = fit(task, spec, Path(out_dir), save, f"ecm-{control}", dist, resume_from)
+    if any(p.grad is not None for p in var.parameters()) or tensor_hash(var.state_dict(), exact=True) != exact_before:
+        raise RuntimeError("the frozen backbone received a gradient or changed during ECM training")
+    return records
