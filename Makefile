@@ -31,7 +31,7 @@ test-all: setup
 default-model: setup
 	$(BIN)/ecm-pretrain --out runs/default/backbone
 	$(BIN)/ecm-train --control canny --vae runs/default/backbone/vqvae.safetensors \
-	    --var runs/default/backbone/var.safetensors --steps 1500 --out runs/default/ecm-canny
+	    --var runs/default/backbone/var.safetensors --steps 6000 --out runs/default/ecm-canny
 	$(BIN)/python -m ecm.default_model --backbone runs/default/backbone --ecm runs/default/ecm-canny/ecm.safetensors
 
 bench-early-centric: setup

@@ -150,10 +150,15 @@ class ECM(nn.Module):
         self.gates = nn.Parameter(torch.zeros(cfg.num_adapters, C))
         self._slot = {p: j for j, p in enumerate(cfg.positions)}
 
-    def control_tokens(self, ctrl_B3HW: torch.Tensor, keep_B: torch.Tensor | None = None) -> torch.Tensor:
-        """Control tokens of every scale, (B, L, C); rows with ``keep_B == 0`` get none (dropped)."""
+    def control_tokens(self, ctrl_B3HW: torch.Tensor, keep_B: torch.Tensor | None = None,
+                       num_scales: int | None = None) -> torch.Tensor:
+        """Control tokens of every scale (or the first ``num_scales``), (B, L, C).
+
+        Rows with ``keep_B == 0`` get none (control dropout).
+        """
         f_BWhw = self.encoder(ctrl_B3HW)
-        per_scale = [resample.area(f_BWhw, pn).flatten(2).transpose(1, 2) for pn in self.config.patch_nums]
+        patch_nums = self.config.patch_nums[:num_scales]
+        per_scale = [resample.area(f_BWhw, pn).flatten(2).transpose(1, 2) for pn in patch_nums]
         ctrl_BLC = self.ctrl_proj(torch.cat(per_scale, dim=1))
         if keep_B is not None:
             ctrl_BLC = ctrl_BLC * keep_B.view(-1, 1, 1).to(ctrl_BLC.dtype)

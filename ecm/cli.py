@@ -44,6 +44,27 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ECMError(f"nothing to resume in {out}; start without --resume")
 
 
+def _run_options(fn):
+    """Options every training command shares: data size, seed, device, resume."""
+    for option in reversed([
+        click.option("--num-images", default=4096, type=POSITIVE, show_default=True,
+                     help="Size of the procedural set (ignored with --data)."),
+        click.option("--seed", default=0, show_default=True, help="Seed of data order, initialisation and dropout."),
+        click.option("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _backbone_options(fn):
+    """--vae / --var: backbone checkpoints, defaulting to the embedded model."""
+    fn = click.option("--var", "var_path", type=click.Path(dir_okay=False), default=None,
+                      help="VAR backbone checkpoint (official var_d*.pth or ours). Default: the embedded model.")(fn)
+    return click.option("--vae", "vae_path", type=click.Path(dir_okay=False), default=None,
+                        help="VQVAE checkpoint (official vae_*.pth or ours). Default: the embedded model.")(fn)
+
+
 @click.command()
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Image folder (one sub-folder per class, or flat). Default: the procedural shapes set.")
@@ -57,11 +78,7 @@ def _check_out(out: Path, resume: bool) -> None:
 @click.option("--var-batch", default=32, type=POSITIVE, show_default=True, help="VAR batch size per process.")
 @click.option("--vae-lr", default=1e-3, show_default=True, help="VQVAE peak learning rate.")
 @click.option("--var-lr", default=1e-3, show_default=True, help="VAR peak learning rate.")
-@click.option("--num-images", default=4096, type=POSITIVE, show_default=True,
-              help="Size of the procedural set (ignored with --data).")
-@click.option("--seed", default=0, show_default=True, help="Seed of data order, initialisation and dropout.")
-@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@_run_options
 @exit_on_error
 def pretrain(data, out, vae_preset, var_preset, vae_steps, var_steps, vae_batch, var_batch, vae_lr, var_lr,
              num_images, seed, device, resume) -> None:
@@ -86,13 +103,6 @@ def pretrain(data, out, vae_preset, var_preset, vae_steps, var_steps, vae_batch,
         click.echo(f"backbone written to {out / 'vqvae.safetensors'} and {out / 'var.safetensors'}")
 
 
-def _backbone_options(fn):
-    fn = click.option("--var", "var_path", type=click.Path(dir_okay=False), default=None,
-                      help="VAR backbone checkpoint (official var_d*.pth or ours). Default: the embedded model.")(fn)
-    return click.option("--vae", "vae_path", type=click.Path(dir_okay=False), default=None,
-                        help="VQVAE checkpoint (official vae_*.pth or ours). Default: the embedded model.")(fn)
-
-
 @click.command()
 @click.option("--control", default="canny", show_default=True,
               help="Control type: canny, another registered extractor, or folder:<name> for maps from a folder.")
@@ -113,11 +123,7 @@ def _backbone_options(fn):
               help="Probability that a batch trains only on a prefix of the scales (0 = full sequences).")
 @click.option("--control-drop", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="Probability of dropping a sample's control, so CFG can drop it.")
-@click.option("--num-images", default=4096, type=POSITIVE, show_default=True,
-              help="Size of the procedural set (ignored with --data).")
-@click.option("--seed", default=0, show_default=True, help="Seed of data order, initialisation and dropout.")
-@click.option("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@_run_options
 @exit_on_error
 def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path, out, preset, steps, batch, lr,
           early_centric, control_drop, num_images, seed, device, resume) -> None:
@@ -167,7 +173,7 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
 @_backbone_options
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Held-out image folder to evaluate on. Default: held-out procedural shapes.")
-@click.option("--num-images", default=64, type=POSITIVE, show_default=True, help="Images to evaluate.")
+@click.option("--num-images", default=256, type=POSITIVE, show_default=True, help="Images to evaluate.")
 @click.option("--cfg", default=DEFAULT_CFG, show_default=True, help="Classifier-free guidance weight.")
 @click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, help="Top-k sampling (1 = greedy).")
 @click.option("--top-p", default=DEFAULT_TOP_P, show_default=True, help="Top-p (nucleus) sampling.")

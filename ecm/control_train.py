@@ -85,7 +85,7 @@ class ECMTask(nn.Module):
             idx_list = [tokens_BL[:, b:e] for b, e in var.begin_ends[: max(K - 1, 1)]]
             x_BLCv = var.vae.quantize.idxBl_to_var_input(idx_list, num_scales=K)
         keep_B = torch.from_numpy(rng.random(label.shape[0]) >= self.control_drop).to(label.device)
-        ctrl_BLC = self.ecm.control_tokens(ctrl, keep_B)
+        ctrl_BLC = self.ecm.control_tokens(ctrl, keep_B, num_scales=K)
         logits = var(label, x_BLCv, self.ecm, ctrl_BLC, num_scales=K)
         return cross_entropy(logits, tokens_BL[:, :ed]), label.shape[0] * ed
 

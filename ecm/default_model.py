@@ -7,8 +7,14 @@ reproduces it with ``ecm-pretrain`` and ``ecm-train``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ecm.runtime.errors import ECMError
+
+if TYPE_CHECKING:
+    from ecm.adapters import ECM
+    from ecm.var import VAR
+    from ecm.vqvae import VQVAE
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "assets" / "default"
 VQVAE_FILE, VAR_FILE, ECM_FILE = "vqvae.safetensors", "var.safetensors", "ecm_canny.safetensors"
@@ -18,6 +24,7 @@ HELD_OUT_SEED = 1000
 
 
 def default_paths() -> tuple[Path, Path, Path]:
+    """The embedded VQVAE, VAR and ECM files; a clear error if any is missing."""
     paths = tuple(DEFAULT_DIR / name for name in (VQVAE_FILE, VAR_FILE, ECM_FILE))
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
@@ -26,7 +33,7 @@ def default_paths() -> tuple[Path, Path, Path]:
     return paths
 
 
-def load_backbone(vae_path: str | Path | None = None, var_path: str | Path | None = None):
+def load_backbone(vae_path: str | Path | None = None, var_path: str | Path | None = None) -> tuple[VQVAE, VAR]:
     """(vae, var) from the given files, or the embedded default."""
     from ecm.var import VAR
     from ecm.vqvae import VQVAE
@@ -38,7 +45,7 @@ def load_backbone(vae_path: str | Path | None = None, var_path: str | Path | Non
     return vae, VAR.from_checkpoint(var_path, vae=vae)
 
 
-def load_default():
+def load_default() -> tuple[VQVAE, VAR, ECM]:
     """(vae, var, ecm) of the embedded default model, in eval mode on the CPU."""
     from ecm.control_train import load_ecm
 

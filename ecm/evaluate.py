@@ -36,6 +36,8 @@ def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class EvalResult:
+    """Mean Canny F1 against the conditions, per kind of image."""
+
     f1_ecm: float
     f1_backbone: float
     f1_ground_truth: float

@@ -23,6 +23,8 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, plus a (1x1-projected) skip."""
+
     def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
         self.norm1 = _norm(in_ch, groups)
@@ -55,6 +57,8 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Stride-2 conv with the official asymmetric (right / bottom) padding."""
+
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
@@ -64,6 +68,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest 2x up-sampling, then a conv."""
+
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
@@ -89,6 +95,8 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
+    """Res block, attention, res block at the lowest resolution."""
+
     def __init__(self, ch: int, attn: bool, groups: int):
         super().__init__()
         self.block_1 = ResnetBlock(ch, ch, groups)
@@ -100,6 +108,8 @@ class _Mid(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> latent (B, z_channels, H / 2^(levels-1), W / 2^(levels-1))."""
+
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         mult = (1, *cfg.ch_mult)
@@ -130,6 +140,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latent -> image, mirroring the encoder (one more res block per level)."""
+
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         last = len(cfg.ch_mult) - 1

@@ -15,7 +15,7 @@ def invoke(cmd, args):
     (["--control", "dpeth"], "unknown control type 'dpeth'"),
     (["--data", "/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
     (["--control", "folder:depth"], "--control folder:depth needs --control-dir"),
-    (["--var", "/nonexistent.pth"], "does not exist"),
+    (["--var", "/nonexistent.pth"], "checkpoint /nonexistent.pth does not exist"),
 ])
 def test_train_bad_input(tmp_path, args, message):
     code, out = invoke(train, [*args, "--out", str(tmp_path / "run")])
