@@ -14,6 +14,8 @@ _LAZY = {
     "VQVAE": "ecm.vqvae",
     "VAR": "ecm.var",
     "KVCache": "ecm.kv_cache",
+    "ECM": "ecm.adapters",
+    "load_default": "ecm.default_model",
     "Generation": "ecm.var",
     "VQVAEConfig": "ecm.config",
     "VARConfig": "ecm.config",
