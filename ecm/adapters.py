@@ -55,10 +55,6 @@ class ECMConfig:
         n = self.num_adapters
         return tuple((j + 1) * self.depth // (n + 1) for j in range(n))
 
-    @property
-    def resolution(self) -> int:
-        return self.patch_nums[-1] * self.patch_size
-
 
 ECM_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_adapters=2, enc_width=128, enc_depth=2, enc_heads=2, ffn_ratio=2.0),

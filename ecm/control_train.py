@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from ecm.adapters import ECM, ECMConfig
 from ecm.checkpoint import config_from_meta, read_checkpoint, save_safetensors
 from ecm.config import config_to_dict
 from ecm.controls import Control
 from ecm.data import InMemory, to_model_range
+from ecm.pretrain import tokenize
 from ecm.runtime.errors import CheckpointError
 from ecm.train import Dist, TrainSpec, batch_indices, cross_entropy, fit, tensor_hash
 from ecm.var import VAR
@@ -48,13 +48,7 @@ class ControlData:
         self.labels = data.labels
         paths = data.paths or [None] * len(data)
         self.controls = np.stack([control(img, p) for img, p in zip(data.images, paths)])
-        device = next(vae.parameters()).device
-        chunks = []
-        for b in tqdm(range(0, len(data), batch), desc="tokenizing", leave=False, dynamic_ncols=True):
-            img = to_model_range(data.images[b:b + batch]).to(device)
-            chunks.append(torch.cat(vae.img_to_idxBl(img), dim=1).to(torch.int16 if vae.config.vocab_size
-                                                                        <= 32768 else torch.int32).cpu())
-        self.tokens_NL = torch.cat(chunks)
+        self.tokens_NL = tokenize(vae, data.images, batch)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -81,9 +75,9 @@ class ECMTask(nn.Module):
                                                  self.dist.device)
         K = sample_num_scales(rng, len(var.patch_nums), self.early_centric)
         ed = var.begin_ends[K - 1][1]
+        quant = var.vae.quantize
         with torch.no_grad():
-            idx_list = [tokens_BL[:, b:e] for b, e in var.begin_ends[: max(K - 1, 1)]]
-            x_BLCv = var.vae.quantize.idxBl_to_var_input(idx_list, num_scales=K)
+            x_BLCv = quant.idxBl_to_var_input(quant.split(tokens_BL), num_scales=K)
         keep_B = torch.from_numpy(rng.random(label.shape[0]) >= self.control_drop).to(label.device)
         ctrl_BLC = self.ecm.control_tokens(ctrl, keep_B, num_scales=K)
         logits = var(label, x_BLCv, self.ecm, ctrl_BLC, num_scales=K)

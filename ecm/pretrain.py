@@ -13,10 +13,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ecm.checkpoint import checkpoint_step, save_model
 from ecm.config import VARConfig, VQVAEConfig
-from ecm.data import InMemory
+from ecm.data import InMemory, to_model_range
 from ecm.train import Dist, TrainSpec, batch_indices, cross_entropy, fit
 from ecm.var import VAR
 from ecm.vqvae import VQVAE
@@ -42,22 +43,39 @@ class VQVAETask(nn.Module):
         return loss, img.shape[0] * self.vae.config.patch_nums[-1] ** 2
 
 
+@torch.no_grad()
+def tokenize(vae: VQVAE, images_NHW3: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Tokens of every image, all scales flattened: (N, L), int16 when the codebook allows.
+
+    The VQVAE is frozen wherever this is used, so each image is encoded once, not every step.
+    """
+    device = next(vae.parameters()).device
+    dtype = torch.int16 if vae.config.vocab_size <= 32768 else torch.int32
+    chunks = []
+    for b in tqdm(range(0, len(images_NHW3), batch), desc="tokenizing", leave=False, dynamic_ncols=True):
+        img = to_model_range(images_NHW3[b:b + batch]).to(device)
+        chunks.append(torch.cat(vae.img_to_idxBl(img), dim=1).to(dtype).cpu())
+    return torch.cat(chunks)
+
+
 class VARTask(nn.Module):
     """Teacher-forced cross-entropy of one batch against the frozen VQVAE's tokens."""
 
     def __init__(self, var: VAR, vae: VQVAE, data: InMemory, batch: int, dist: Dist):
         super().__init__()
-        self.var, self.data, self.batch, self.dist = var, data, batch, dist
+        self.var, self.labels, self.batch, self.dist = var, data.labels, batch, dist
         self.vae = (vae.eval().requires_grad_(False),)  # frozen, outside the trained module
+        self.tokens_NL = tokenize(vae, data.images)
 
     def forward(self, step: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-        img, label = self.data.batch(batch_indices(rng, len(self.data), self.batch, self.dist), self.dist.device)
-        vae = self.vae[0]
+        idx = batch_indices(rng, len(self.labels), self.batch, self.dist)
+        label = torch.from_numpy(self.labels[idx]).to(self.dist.device)
+        tokens_BL = self.tokens_NL[idx].long().to(self.dist.device)
+        quant = self.vae[0].quantize
         with torch.no_grad():
-            idx_list = vae.img_to_idxBl(img)
-            x_BLCv = vae.quantize.idxBl_to_var_input(idx_list)
+            x_BLCv = quant.idxBl_to_var_input(quant.split(tokens_BL))
         logits = self.var(label, x_BLCv)
-        return cross_entropy(logits, torch.cat(idx_list, dim=1)), logits.shape[0] * logits.shape[1]
+        return cross_entropy(logits, tokens_BL), logits.shape[0] * logits.shape[1]
 
 
 def pretrain(data: InMemory, out_dir: Path, vae_cfg: VQVAEConfig, var_cfg: VARConfig, vae_spec: TrainSpec,

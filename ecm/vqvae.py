@@ -221,6 +221,10 @@ class MultiScaleQuantizer(nn.Module):
         d_NV = torch.addmm(d_NV, z_NC, E_VC.T, alpha=-2, beta=1)
         return d_NV.argmin(dim=1)
 
+    def split(self, tokens_BL: torch.Tensor) -> list[torch.Tensor]:
+        """Flat tokens (B, L) -> one (B, pn*pn) token map per scale."""
+        return list(tokens_BL.split([pn * pn for pn in self.patch_nums], dim=1))
+
     def embed(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
         """Codebook vectors of a pn x pn token map: (B, pn*pn) -> (B, Cvae, pn, pn)."""
         return self.embedding(idx_Bl).transpose(1, 2).reshape(idx_Bl.shape[0], self.Cvae, pn, pn)
