@@ -8,11 +8,8 @@ an :class:`ECMError` subclass with a one-line message, never a raw torch traceba
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from ecm.config import VARConfig, VQVAEConfig, config_from_dict, config_to_dict
-from ecm.runtime.errors import CheckpointError, ECMError
+from ecm.runtime.errors import CheckpointError
+from ecm.runtime.files import atomic_path
 from ecm.runtime.scales import PATCH_NUMS_256, total_tokens
 
 if TYPE_CHECKING:
@@ -31,35 +29,6 @@ StateDict = dict[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------ files
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
-
-    A crash, a full disk or an exception leaves any previous file untouched and no partial file.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise ECMError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:  # on disk before it takes the final name
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
-        os.replace(tmp_path, path)
-    except OSError as e:
-        raise ECMError(f"cannot write {path}: {e.strerror or e}; free some disk space or choose "
-                       "another location (nothing was overwritten)") from None
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def save_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str]) -> None:
     """Write tensors with string metadata atomically."""
     from safetensors.torch import save_file

@@ -1,4 +1,4 @@
-"""Command-line entry points that need torch: ``ecm-pretrain``, ``ecm-train``, ``ecm-eval``, ``ecm-export``."""
+"""Command-line entry points that need torch: ``ecm-pretrain``, ``ecm-train``, ``ecm-eval``, ``ecm-params``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ecm.runtime.errors import ECMError, exit_on_error, not_built
+from ecm.runtime.errors import ECMError, exit_on_error
 from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_ECM_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
 
@@ -184,19 +184,19 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
               show_default=True, help="PNG grid: condition | ECM | edge overlay | backbone alone.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON here.")
+@click.option("--engine", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Score an ecm-export folder run by ONNX Runtime instead of the eager model.")
 @exit_on_error
 def evaluate(ecm_path, vae_path, var_path, data, num_images, cfg, top_k, top_p, temperature, seed, grid,
-             json_path) -> None:
+             json_path, engine) -> None:
     """Measure Canny control fidelity (F1) of ECM against the backbone without control."""
-    import json
-
     from tqdm import tqdm
 
-    from ecm.checkpoint import atomic_path
     from ecm.control_train import load_ecm
     from ecm.data import ImageFolder, ProceduralShapes
     from ecm.default_model import HELD_OUT_SEED, default_paths, load_backbone
     from ecm.evaluate import evaluate as run
+    from ecm.runtime.files import write_json
     from ecm.runtime.schedule import parse_temperature
 
     parse_temperature(temperature)
@@ -212,14 +212,23 @@ def evaluate(ecm_path, vae_path, var_path, data, num_images, cfg, top_k, top_p, 
     n = min(num_images, len(held_out))
     images = np.stack([held_out[i][0] for i in range(n)])
     labels = np.array([min(held_out[i][1], var.num_classes) for i in range(n)])
+    bar = lambda it: tqdm(it, desc="eval", dynamic_ncols=True)  # noqa: E731
+    if engine is not None:
+        from ecm.evaluate import evaluate_engine
+
+        f1 = evaluate_engine(engine, images, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+                             seed=seed, progress=bar)
+        click.echo(f"Canny F1 of {engine} (ONNX Runtime) on {n} held-out images: {f1:.4f}")
+        if json_path:
+            write_json({"f1": f1, "engine": str(engine), "num_images": n, "seed": seed}, json_path)
+        return
     res = run(var, ecm, images, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
-              grid_path=grid, progress=lambda it: tqdm(it, desc="eval", dynamic_ncols=True))
+              grid_path=grid, progress=bar)
     click.echo(res.table())
     click.echo(f"grid written to {grid}")
     if json_path:
-        with atomic_path(json_path) as tmp:
-            tmp.write_text(json.dumps({**res.__dict__, "ratio": res.ratio, "cfg": cfg, "top_k": top_k,
-                                       "top_p": top_p, "temperature": temperature, "seed": seed}, indent=2))
+        write_json({**res.__dict__, "ratio": res.ratio, "cfg": cfg, "top_k": top_k, "top_p": top_p,
+                    "temperature": temperature, "seed": seed}, json_path)
 
 
 @click.command()
@@ -242,10 +251,3 @@ def params(presets) -> None:
             ecm = ECM(ecm_config(var.config, vae_cfg.downsample))
         nb, ne = count_parameters(var), count_parameters(ecm)
         click.echo(f"{name:10}{nb:18,}{ne:14,}{ne / nb:9.2%}  {list(ecm.config.positions)}")
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@exit_on_error
-def export() -> None:
-    """Export backbone + adapters to ONNX and TensorRT (not built yet)."""
-    not_built("ecm-export", "the export issue")

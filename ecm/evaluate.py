@@ -88,6 +88,27 @@ def evaluate(var: VAR, ecm: ECM, images_NHW3: np.ndarray, labels_N: np.ndarray, 
     return EvalResult(mean["ecm"], mean["backbone"], mean["gt"], mean["rec"], len(labels_N))
 
 
+def evaluate_engine(folder: Path, images_NHW3: np.ndarray, labels_N: np.ndarray, *, cfg: float, top_k: int,
+                    top_p: float, temperature: str, seed: int = 0, batch: int = 16, progress=None) -> float:
+    """Mean Canny F1 of an export run by ONNX Runtime, with the seeds :func:`evaluate` uses."""
+    from ecm.runtime.loop import Sampling, ScaleLoop
+    from ecm.runtime.manifest import Manifest
+    from ecm.runtime.ort_backend import OrtBackend
+
+    m = Manifest.load(folder)
+    backend = OrtBackend(folder, m)
+    sampling = Sampling.defaults(m, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
+    conds = np.stack([canny_edges(im) for im in images_NHW3])
+    scores = []
+    starts = range(0, len(labels_N), batch)
+    for b in progress(starts) if progress else starts:
+        cond, label = conds[b:b + batch], labels_N[b:b + batch]
+        loop = ScaleLoop(m, backend, len(label))
+        out = loop.run(label, np.repeat(cond[..., None], 3, axis=3), sampling, seed=seed + b).images
+        scores += [edge_f1(canny_edges(img), c) for img, c in zip(out, cond)]
+    return float(np.mean(scores))
+
+
 def overlay(cond_HW: np.ndarray, img_HW3: np.ndarray) -> np.ndarray:
     """Generated image dimmed, condition edges in green, generated edges in red (yellow = both)."""
     out = (img_HW3.astype(np.float32) * 0.35).astype(np.uint8)

@@ -2,47 +2,58 @@
 
 CFG mixing, temperature, top-k / top-p filtering and inverse-CDF sampling from uniforms that the
 caller supplies, so that the same uniforms give the same tokens in every backend and no
-Multinomial or RandomUniform op is needed.
+Multinomial or RandomUniform op is needed. The filters work on the ``candidates`` most likely
+tokens, sorted once by one TopK with a static K: that exports to ops every runtime has, and the
+knobs (cfg, temperature, top-k, top-p) can be graph inputs instead of constants.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ecm.runtime.sampling import cfg_weight
 
-def cfg_weight(cfg: float, si: int, num_scales: int) -> float:
-    """The official linear guidance ramp: t = cfg * si / (K - 1)."""
-    return cfg * si / (num_scales - 1)
+__all__ = ["candidate_count", "cfg_weight", "mix_cfg", "nucleus_keep", "sample_inverse_cdf", "sample_tokens"]
+
+Scalar = float | int | torch.Tensor
 
 
-def mix_cfg(logits_2BlV: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+def candidate_count(top_k: int, vocab_size: int) -> int:
+    """Tokens the sampler sorts: top_k, or the whole vocabulary when top-k is off (0)."""
+    return top_k if 0 < top_k < vocab_size else vocab_size
+
+
+def mix_cfg(logits_2BlV: torch.Tensor, t: Scalar) -> torch.Tensor:
     """(1 + t) * cond - t * uncond, with the conditional rows first."""
     B = logits_2BlV.shape[0] // 2
+    t = torch.as_tensor(t, dtype=logits_2BlV.dtype)
     return (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
 
 
-def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Set logits outside the top-k, then outside the top-p nucleus, to -inf (official semantics).
+def nucleus_keep(sorted_BlK: torch.Tensor, top_k: Scalar, top_p: Scalar) -> torch.Tensor:
+    """Which of the logits sorted in descending order survive top-k, then top-p (official semantics).
 
-    Ties at the k-th value are kept; the most likely token always survives top-p.
+    Top-k keeps every logit >= the k-th (ties kept; 0 = off). Top-p then drops the least likely
+    tokens whose probabilities sum to at most 1 - top_p, summing from the least likely up; the
+    most likely token always survives (0 = off).
     """
-    V = logits_BlV.shape[-1]
-    if 0 < top_k < V:
-        kth = logits_BlV.topk(top_k, dim=-1).values[..., -1:]
-        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth, float("-inf"))
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
-        remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        remove_sorted[..., -1:] = False
-        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
-        logits_BlV = logits_BlV.masked_fill(remove, float("-inf"))
-    return logits_BlV
+    K = sorted_BlK.shape[-1]
+    top_k = torch.as_tensor(top_k, dtype=torch.int64).reshape(1)
+    k_eff = torch.where((top_k > 0) & (top_k < K), top_k, torch.full_like(top_k, K))
+    kth_Bl1 = sorted_BlK.gather(-1, (k_eff - 1).expand(*sorted_BlK.shape[:-1], 1))
+    keep_BlK = sorted_BlK >= kth_Bl1
+    probs_BlK = sorted_BlK.masked_fill(~keep_BlK, float("-inf")).softmax(dim=-1)
+    mass_from_r = probs_BlK.flip(-1).cumsum(dim=-1).flip(-1)  # mass of this token and all less likely ones
+    top_p = torch.as_tensor(top_p, dtype=sorted_BlK.dtype).reshape(1)
+    not_first_K = torch.arange(K, device=sorted_BlK.device) > 0
+    drop_BlK = (mass_from_r <= 1 - top_p) & (top_p > 0) & not_first_K
+    return keep_BlK & ~drop_BlK
 
 
 def sample_inverse_cdf(logits_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
-    """Draw one token per position: the first whose cumulative probability reaches u * total.
+    """Draw one position per row: the first whose cumulative probability reaches u * total.
 
-    ``u_Bl`` holds uniforms in (0, 1]; the chosen token always has non-zero probability.
+    ``u_Bl`` holds uniforms in (0, 1]; the chosen position always has non-zero probability.
     """
     cdf_BlV = logits_BlV.float().softmax(dim=-1).cumsum(dim=-1)
     target_Bl1 = u_Bl.unsqueeze(-1).float() * cdf_BlV[..., -1:]
@@ -50,8 +61,19 @@ def sample_inverse_cdf(logits_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Te
     return idx_Bl.clamp_max(logits_BlV.shape[-1] - 1)
 
 
-def sample_tokens(logits_2BlV: torch.Tensor, u_Bl: torch.Tensor, *, cfg_t: float | torch.Tensor,
-                  temperature: float | torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """CFG mix, temperature, top-k/top-p, inverse-CDF sample: (2B, l, V) logits -> (B, l) tokens."""
-    logits_BlV = mix_cfg(logits_2BlV.float(), cfg_t) / temperature
-    return sample_inverse_cdf(filter_top_k_top_p(logits_BlV, top_k, top_p), u_Bl)
+def sample_tokens(logits_2BlV: torch.Tensor, u_Bl: torch.Tensor, *, cfg_t: Scalar, temperature: Scalar,
+                  top_k: Scalar, top_p: Scalar, candidates: int | None = None) -> torch.Tensor:
+    """CFG mix, temperature, top-k/top-p, inverse-CDF sample: (2B, l, V) logits -> (B, l) tokens.
+
+    Only the ``candidates`` most likely tokens are considered (default: ``candidate_count``); an
+    exported graph fixes that number and takes ``top_k <= candidates`` as an input. Tokens are
+    drawn in the order of decreasing probability, which has the same distribution as drawing in
+    vocabulary order and needs one sort for both filters.
+    """
+    logits_BlV = mix_cfg(logits_2BlV.float(), cfg_t) / torch.as_tensor(temperature, dtype=torch.float32)
+    if candidates is None:
+        candidates = candidate_count(int(top_k), logits_BlV.shape[-1])
+    sorted_BlK, idx_BlK = logits_BlV.topk(candidates, dim=-1)
+    keep_BlK = nucleus_keep(sorted_BlK, top_k, top_p)
+    pos_Bl = sample_inverse_cdf(sorted_BlK.masked_fill(~keep_BlK, float("-inf")), u_Bl)
+    return idx_BlK.gather(-1, pos_Bl.unsqueeze(-1)).squeeze(-1)

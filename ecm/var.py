@@ -10,7 +10,7 @@ Parameter names follow the official code so that ``var_d16.pth`` ... ``var_d30.p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,8 +65,9 @@ class SelfAttention(nn.Module):
     def qkv(self, x_BlC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project to heads: q (scaled), k (unit length) and v, each (B, H, l, c)."""
         B, l, _ = x_BlC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
+        w = self.mat_qkv.weight  # fp16 in fp16 exports: the matmul runs in its precision, the rest in fp32
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(w.dtype)
+        qkv = F.linear(x_BlC.to(w.dtype), w, bias).to(x_BlC.dtype).view(B, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         return F.normalize(q, dim=-1) * scale_mul, F.normalize(k, dim=-1), v
@@ -134,6 +135,10 @@ class Generation:
     idx_list: list[torch.Tensor]  # tokens per scale, each (B, pn*pn)
     f_hat: torch.Tensor  # final latent (B, Cvae, HW, HW)
     images: torch.Tensor | None  # (B, 3, H, W) in [0, 1], or None with decode=False
+    # with trace=True, per scale: logits (2B, pn*pn, V), the input latent (B, Cvae, pn, pn) and f_hat before it
+    logits: list[torch.Tensor] = field(default_factory=list)
+    x_in: list[torch.Tensor] = field(default_factory=list)
+    f_hat_in: list[torch.Tensor] = field(default_factory=list)
 
 
 class VAR(nn.Module):
@@ -289,7 +294,8 @@ class VAR(nn.Module):
     def generate(self, label_B: torch.Tensor | list[int], *, cfg: float = DEFAULT_CFG, top_k: int = DEFAULT_TOP_K,
                  top_p: float = DEFAULT_TOP_P, temperature: str | float | TemperatureSchedule | None = None,
                  seed: int = 0, uniforms: list[np.ndarray] | None = None, decode: bool = True,
-                 ecm: ECM | None = None, control_B3HW: torch.Tensor | None = None) -> Generation:
+                 ecm: ECM | None = None, control_B3HW: torch.Tensor | None = None,
+                 candidates: int | None = None, trace: bool = False) -> Generation:
         """Class-conditional generation with CFG (official linear ramp), scale by scale.
 
         Tokens are drawn by inverse-CDF sampling from uniforms (``draw_uniforms(seed, ...)`` unless
@@ -297,6 +303,8 @@ class VAR(nn.Module):
         ``ecm`` and a control image per row, the adapters steer every scale; CFG's unconditional
         rows drop both the class and the control. The temperature schedule defaults to
         ``DEFAULT_ECM_TEMPERATURE`` with adapters and ``DEFAULT_TEMPERATURE`` without.
+        ``candidates`` is the sampler's static sort size (an exported graph's); ``trace`` keeps
+        every scale's logits and inputs, for comparisons with exported graphs.
         """
         device = self.pos_1LC.device
         label_B = torch.as_tensor(label_B, device=device).long().view(-1)
@@ -312,18 +320,24 @@ class VAR(nn.Module):
         control = ecm.start(control_B3HW.to(device)) if ecm is not None else None
         x_BlC = self.first_token_map(cond_BD)
         f_hat = torch.zeros(B, quant.Cvae, quant.HW, quant.HW, device=device)
-        idx_list = []
+        out = Generation([], f_hat, None)
+        next_BCpp = torch.zeros(B, quant.Cvae, 1, 1, device=device)
         for si, pn in enumerate(self.patch_nums):
             logits_2BlV = self.step(si, x_BlC, cond_BD, cache, control)
+            if trace:
+                out.logits.append(logits_2BlV)
+                out.x_in.append(next_BCpp)
+                out.f_hat_in.append(f_hat)
             u_Bl = torch.as_tensor(uniforms[si], device=device)
             idx_Bl = sample_tokens(logits_2BlV, u_Bl, cfg_t=cfg_weight(cfg, si, K), temperature=temps[si],
-                                   top_k=top_k, top_p=top_p)
-            idx_list.append(idx_Bl)
+                                   top_k=top_k, top_p=top_p, candidates=candidates)
+            out.idx_list.append(idx_Bl)
             f_hat, next_BCpp = quant.next_input(si, f_hat, quant.embed(idx_Bl, pn))
             if si + 1 < K:
                 x_BlC = self.embed_scale(si + 1, next_BCpp).repeat(2, 1, 1)
-        images = self.vae.fhat_to_img(f_hat) * 0.5 + 0.5 if decode else None
-        return Generation(idx_list, f_hat, images)
+        out.f_hat = f_hat
+        out.images = self.vae.fhat_to_img(f_hat) * 0.5 + 0.5 if decode else None
+        return out
 
     @torch.no_grad()
     def autoregressive_infer_cfg(self, B: int, label_B: int | torch.Tensor | None, g_seed: int | None = None,

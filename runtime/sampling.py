@@ -24,3 +24,8 @@ DEFAULT_TOP_P = 0.96
 DEFAULT_TEMPERATURE = "1.0"
 #: ECM trains the late scales on fewer tokens (early-centric sampling): cool them at inference.
 DEFAULT_ECM_TEMPERATURE = "1.0:0.8"
+
+
+def cfg_weight(cfg: float, si: int, num_scales: int) -> float:
+    """The official linear guidance ramp: t = cfg * si / (K - 1)."""
+    return cfg * si / (num_scales - 1)

@@ -1,0 +1,109 @@
+"""``ecm-export``: checkpoints -> verified ONNX graphs (+ TensorRT plans where a GPU is present)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from ecm.runtime.errors import ECMError, exit_on_error
+from ecm.runtime.manifest import PRECISIONS
+
+
+def latest_training_run(where: Path = Path(".")) -> Path | None:
+    """The newest ``ecm-train`` result below ``where`` (``runs/*/ecm.safetensors``), if any."""
+    runs = [p for p in where.glob("runs/*/ecm.safetensors") if (p.parent / "run.json").is_file()]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: Path | None,
+                        with_ecm: bool) -> tuple[Path | None, Path | None, Path | None, str]:
+    """Which checkpoints to export, and a line saying so: given ones, the latest run here, or the default."""
+    if with_ecm and ecm_path is None:
+        run = latest_training_run()
+        if run is not None:
+            used = json.loads((run.parent / "run.json").read_text())
+            vae_path = vae_path or (None if used.get("vae", "default") == "default" else Path(used["vae"]))
+            var_path = var_path or (None if used.get("var", "default") == "default" else Path(used["var"]))
+            return run, vae_path, var_path, f"exporting the latest ecm-train result, {run}"
+    if not with_ecm:
+        return None, vae_path, var_path, "exporting the backbone alone (no adapters)"
+    what = ecm_path or "the embedded default adapters"
+    return ecm_path, vae_path, var_path, f"exporting {what}"
+
+
+@click.command()
+@click.option("--ecm", "ecm_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Adapters from ecm-train. Default: the newest runs/*/ecm.safetensors here, else the embedded "
+                   "default model.")
+@click.option("--vae", "vae_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="VQVAE checkpoint (ours or an official vae_*.pth). Default: the one the adapters were trained "
+                   "with.")
+@click.option("--var", "var_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="VAR checkpoint (ours or an official var_d*.pth). Default: the one the adapters were trained "
+                   "with.")
+@click.option("--no-ecm", is_flag=True, help="Export the backbone alone, without control adapters.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Folder for var_ecm.json, the graphs and the plans.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
+              help="Precision in the graph: fp16 for GPUs (fp32 norms, softmax, head, sampling), fp32 for CPUs.")
+@click.option("--opset", default=20, show_default=True, help="ONNX opset, 17..21 (TensorRT 10.3 parses up to 20).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Images per run that the TensorRT profiles are built for.")
+@click.option("--candidates", default=None, type=click.IntRange(min=1),
+              help="Tokens the sampler sorts, the largest top-k a run may use. Default: the default top-k (900), "
+                   "or the vocabulary if smaller.")
+@click.option("--static-scales", is_flag=True,
+              help="Also export one fully static step graph per scale (weights stored once per scale).")
+@click.option("--no-build", is_flag=True, help="Stop after ONNX even where TensorRT and a GPU are present.")
+@click.option("--build-only", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Only build TensorRT plans for an existing export folder (run this on the target GPU).")
+@exit_on_error
+def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, candidates, static_scales, no_build,
+         build_only) -> None:
+    """Export backbone + ECM adapters to ONNX (verified with ONNX Runtime) and TensorRT plans.
+
+    With no arguments: the newest ecm-train result in this folder (else the embedded default
+    model), fp16, into the current folder.
+    """
+    from ecm.export.tensorrt import build_command, build_plans, missing_tensorrt
+
+    if build_only is not None:
+        m = build_plans(build_only, progress=click.echo)
+        click.echo(f"plans for TensorRT {m.tensorrt['version']} (compute {m.tensorrt['compute_capability']}) "
+                   f"written to {build_only}")
+        return
+    from ecm.export.onnx_export import check_opset
+    from ecm.export.pipeline import ExportOptions, export_model, sha256
+
+    from ecm.control_train import load_ecm
+    from ecm.default_model import default_paths, load_backbone
+
+    check_opset(opset)
+    ecm_path, vae_path, var_path, what = resolve_checkpoints(ecm_path, vae_path, var_path, not no_ecm)
+    click.echo(what)
+    _, var = load_backbone(vae_path, var_path)
+    ecm = None
+    defaults = default_paths()
+    if not no_ecm:
+        ecm, _ = load_ecm(ecm_path or defaults[2], var)
+    sources = {"vqvae": vae_path or defaults[0], "var": var_path or defaults[1]}
+    if ecm is not None:
+        sources["ecm"] = ecm_path or defaults[2]
+    opts = ExportOptions(precision=precision, opset=opset, batch=batch, candidates=candidates,
+                         static_scales=static_scales, sources={k: sha256(p) for k, p in sources.items()})
+    result = export_model(var, ecm, out, opts, progress=click.echo)
+    graphs = ", ".join(result.manifest.graphs.values())
+    click.echo(f"wrote {out.resolve()}: var_ecm.json, {graphs}, {len(result.files) - 1 - len(result.manifest.graphs)} "
+               "verification and golden files")
+    reason = missing_tensorrt()
+    if no_build:
+        return
+    if reason is not None:
+        click.echo(f"TensorRT plans not built here: {reason}. Copy {out.resolve()} to the target GPU and run there:\n"
+                   f"  {build_command(Path('<folder>'))}")
+        return
+    try:
+        build_plans(out, progress=click.echo)
+    except ECMError as e:
+        raise ECMError(f"the ONNX export in {out} is complete, but {e}") from None

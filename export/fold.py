@@ -1,0 +1,48 @@
+"""Fold LayerNorm affine parameters into the linear layer that follows, where that is exact.
+
+``W (x_hat * gamma + beta) + b = (W diag(gamma)) x_hat + (W beta + b)``: the norm keeps only its
+normalisation and the graph loses a multiply and an add per norm. Applied to every norm that
+feeds exactly one linear layer: the ECM adapters' attention input and the control encoder. The
+adapters' second norm feeds the FFN they share (folding would copy it per adapter), and the
+backbone's norms are modulated per class (AdaLN), so those stay as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ecm.adapters import ECM
+
+
+@torch.no_grad()
+def _fold(norm: nn.LayerNorm, weight: torch.Tensor) -> torch.Tensor:
+    """Scale the columns of ``weight`` by gamma in place; return W @ beta, the norm's shift as a bias."""
+    shift = weight @ norm.bias
+    weight.mul_(norm.weight)
+    return shift
+
+
+def _plain(norm: nn.LayerNorm) -> nn.LayerNorm:
+    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+
+
+@torch.no_grad()
+def fold_ecm_norms(ecm: ECM) -> ECM:
+    """Fold every foldable LayerNorm of ``ecm`` in place; returns ``ecm``."""
+    C = ecm.config.embed_dim
+    for adapter in ecm.adapters:
+        attn = adapter.attn
+        shift = _fold(adapter.ln1, attn.mat_qkv.weight)
+        attn.q_bias += shift[:C]
+        attn.zero_k_bias.copy_(shift[C:2 * C])  # k gets a bias now; the name is the official one
+        attn.v_bias += shift[2 * C:]
+        adapter.ln1 = _plain(adapter.ln1)
+    for block in ecm.encoder.blocks:
+        block.qkv.bias += _fold(block.ln1, block.qkv.weight)
+        block.mlp.fc1.bias += _fold(block.ln2, block.mlp.fc1.weight)
+        block.ln1, block.ln2 = _plain(block.ln1), _plain(block.ln2)
+    # the final norm precedes area sampling (rows sum to one, so a shift passes through) and ctrl_proj
+    ecm.ctrl_proj.bias += _fold(ecm.encoder.norm, ecm.ctrl_proj.weight)
+    ecm.encoder.norm = _plain(ecm.encoder.norm)
+    return ecm

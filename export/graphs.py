@@ -1,0 +1,122 @@
+"""The three deployable networks, as modules whose forward is exactly what gets exported.
+
+* :class:`StepGraph` - one scale of backbone + merged ECM adapters, plus everything that happens
+  between two scales (CFG, temperature, top-k/top-p, inverse-CDF sampling, codebook lookup, the
+  f_hat update and the next scale's input). One graph serves every scale: the scale-specific
+  constants (resampling matrices, phi choice, cfg ramp, temperature) are small inputs, the KV
+  cache comes in as ``past_k/past_v`` and this scale's keys and values go out as ``new_k/new_v``.
+* :class:`ControlGraph` - the control encoder: uint8 condition image -> control tokens of all scales.
+* :class:`DecoderGraph` - the VQVAE decoder: f_hat -> uint8 RGB image.
+
+Each reuses the model's own modules (``VAR.run_blocks``, ``ECM.injector``, ``sample_tokens``,
+the quantizer's phi convs), so eager generation and the exported graph compute the same function.
+Tensor names and shapes are those of :class:`ecm.runtime.manifest.Manifest`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ecm import resample
+from ecm.adapters import ECM
+from ecm.sampling import sample_tokens
+from ecm.var import VAR
+from ecm.vqvae import VQVAE
+
+
+class StackedCache:
+    """The KV cache as graph tensors, duck-typed like :class:`ecm.kv_cache.KVCache`.
+
+    ``past_k``/``past_v`` are (b, N, 2B, H, c): sequence first, so that each scale's slice of the
+    runtime's one preallocated cache is contiguous. Keys and values are stored in the cache's
+    dtype (fp16 in reduced-precision exports) and attended to in fp32.
+    """
+
+    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor, offset: int = 0,
+                 new: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None):
+        self.past_k, self.past_v, self.offset = past_k, past_v, offset
+        self.new_k, self.new_v = new if new is not None else ({}, {})
+
+    def layers(self, offset: int) -> StackedCache:
+        """A view whose layer 0 is layer ``offset`` of this cache (the adapters follow the blocks)."""
+        return StackedCache(self.past_k, self.past_v, offset, (self.new_k, self.new_v))
+
+    def update(self, layer: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.offset + layer
+        out = []
+        for past, new, store in ((self.past_k, k_BHlc, self.new_k), (self.past_v, v_BHlc, self.new_v)):
+            store[n] = new.to(past.dtype)
+            past_BHbc = past[:, n].permute(1, 2, 0, 3)
+            out.append(torch.cat((past_BHbc, store[n]), dim=2).float())
+        return out[0], out[1]
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This scale's keys and values of all layers, (l, N, 2B, H, c)."""
+        return tuple(torch.stack([store[n] for n in sorted(store)]).permute(3, 0, 1, 2, 4)
+                     for store in (self.new_k, self.new_v))
+
+
+class StepGraph(nn.Module):
+    """One scale of generation with a static KV shape per scale; see the module docstring."""
+
+    def __init__(self, var: VAR, ecm: ECM | None, candidates: int):
+        super().__init__()
+        self.var, self.ecm, self.candidates = var, ecm, candidates
+        self.quant = var.vae.quantize
+        if var.patch_nums[0] != 1:
+            raise ValueError("export needs a first scale of 1x1 tokens, as in every released VAR")
+
+    def forward(self, label: torch.Tensor, x_in: torch.Tensor, f_hat: torch.Tensor, past_k: torch.Tensor,
+                past_v: torch.Tensor, u: torch.Tensor, up: torch.Tensor, down: torch.Tensor, phi: torch.Tensor,
+                first: torch.Tensor, cfg: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, ctrl: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        var = self.var
+        b, pn = past_k.shape[0], x_in.shape[-1]
+        cond_2BD = var.class_cond(torch.cat((label, torch.full_like(label, var.num_classes))))
+        # Scale 0 starts from the class embedding (``first`` = 1); later scales from the latent.
+        words_BlC = var.word_embed(x_in.flatten(2).transpose(1, 2))
+        sos_2B1C = cond_2BD.unsqueeze(1) + var.pos_start
+        x_2BlC = torch.cat((words_BlC, words_BlC)) * (1 - first) + sos_2B1C * first
+        x_2BlC = x_2BlC + var.lvl_pos()[:, b:b + pn * pn]
+
+        cache = StackedCache(past_k, past_v)
+        inject = None
+        if self.ecm is not None:
+            ctrl_BlC = ctrl.flatten(0, 1).transpose(0, 1)
+            ctrl_2BlC = torch.cat((ctrl_BlC, torch.zeros_like(ctrl_BlC)))  # CFG's unconditional rows: no control
+            inject = self.ecm.injector(ctrl_2BlC, None, cache.layers(var.config.depth))
+        logits_2BlV = var.logits(var.run_blocks(x_2BlC, cond_2BD, None, cache, inject), cond_2BD)
+
+        idx_Bl = sample_tokens(logits_2BlV, u.flatten(1), cfg_t=cfg, temperature=temperature, top_k=top_k,
+                               top_p=top_p, candidates=self.candidates)
+        up_BChw = resample.separable(up, self.quant.embed(idx_Bl, pn))
+        phis = self.quant.quant_resi.qresi_ls
+        f_hat_out = f_hat + sum(phi[i] * phis[i](up_BChw) for i in range(len(phis)))
+        x_next = resample.separable(down, f_hat_out)
+        new_k, new_v = cache.outputs()
+        return logits_2BlV, idx_Bl, f_hat_out, x_next, new_k, new_v
+
+
+class ControlGraph(nn.Module):
+    """uint8 condition (B, R, R, 3) -> control tokens of every scale, sequence first (L, B, C)."""
+
+    def __init__(self, ecm: ECM):
+        super().__init__()
+        self.ecm = ecm
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        ctrl_B3HW = cond.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # as ecm.data.to_model_range
+        return self.ecm.control_tokens(ctrl_B3HW).transpose(0, 1)
+
+
+class DecoderGraph(nn.Module):
+    """f_hat (B, Cvae, hw, hw) -> uint8 RGB image (B, H, W, 3), ready to be written as PNG."""
+
+    def __init__(self, vae: VQVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, f_hat: torch.Tensor) -> torch.Tensor:
+        img_B3HW = self.vae.fhat_to_img(f_hat) * 0.5 + 0.5
+        return (img_B3HW.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # as evaluate.to_uint8

@@ -1,0 +1,70 @@
+"""ecm-export from the command line: defaults, the latest training run, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from ecm.export.cli import main as export
+from ecm.export.pipeline import sha256
+from ecm.runtime.manifest import MANIFEST_NAME, Manifest
+
+from ecm.default_model import default_paths
+
+
+def invoke(args):
+    result = CliRunner().invoke(export, args)
+    return result.exit_code, result.output
+
+
+def test_export_picks_the_latest_training_run(tmp_path, monkeypatch):
+    """With no checkpoint arguments, the newest runs/*/ecm.safetensors here is exported."""
+    run = tmp_path / "runs" / "ecm-canny"
+    run.mkdir(parents=True)
+    shutil.copy(default_paths()[2], run / "ecm.safetensors")
+    (run / "run.json").write_text(json.dumps({"command": "ecm-train", "vae": "default", "var": "default"}))
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke(["--precision", "fp32", "--no-build"])
+    assert code == 0, out
+    assert "latest ecm-train result" in out and "runs/ecm-canny/ecm.safetensors" in out
+    m = Manifest.load(tmp_path)
+    assert m.sources["ecm"] == sha256(run / "ecm.safetensors") and m.precision == "fp32"
+    assert m.control.type == "canny" and (tmp_path / "var_ecm.verify.json").is_file()
+    assert "ONNX Runtime vs eager" in out and "tokens 100.00%" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ecm", "/nonexistent/ecm.safetensors"], "does not exist"),
+    (["--var", "/nonexistent/var.pth"], "does not exist"),
+    (["--opset", "23"], "opset 23 is not supported"),
+    (["--build-only", "."], "no manifest"),
+])
+def test_bad_arguments_give_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke(args)
+    assert code == 2 and "error: " in out and message in out and "Traceback" not in out
+
+
+def test_adapters_of_another_backbone_are_refused(tmp_path):
+    from ecm.control_train import load_ecm, save_ecm
+
+    ecm, _ = load_ecm(default_paths()[2])
+    foreign = tmp_path / "foreign.safetensors"
+    save_ecm(ecm, foreign, backbone_hash="0123456789abcdef", control="canny", step=1)
+    code, out = invoke(["--ecm", str(foreign), "--out", str(tmp_path / "out")])
+    assert code == 2 and "trained on backbone 0123456789abcdef" in out
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, out = invoke(["--out", str(blocker / "sub"), "--no-build"])
+    assert code == 2 and "cannot write" in out and "Traceback" not in out
+
+
+def test_unknown_precision_is_refused():
+    code, out = invoke(["--precision", "fp8"])
+    assert code == 2 and "fp8" in out
