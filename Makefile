@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 EXTRAS ?= train,export,cpu,dev
 
-.PHONY: setup demo test test-all lint clean default-model bench-early-centric
+.PHONY: setup demo test test-all lint clean default-model bench-early-centric bench-runtime
 
 setup: $(VENV)/.installed
 
@@ -17,11 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
-# Until the deployment runtime (ecm-run) lands, the demo runs eager PyTorch generation with the
-# embedded default model on 16 held-out Canny conditions and writes demo.png.
+# The main job: the torch-free runtime (ecm-run, ONNX Runtime on the CPU) generates four images for each
+# bundled Canny condition with the embedded default model (exported to ONNX once, into ~/.cache/ecm).
+SAMPLES := $(sort $(wildcard ecm/assets/samples/*.png))
 demo: setup
-	$(BIN)/ecm-eval --num-images 16 --grid demo.png
-	@echo "demo picture: $(CURDIR)/demo.png  (ecm-run, the torch-free runtime, is not built yet)"
+	$(BIN)/ecm-run $(foreach f,$(SAMPLES),--cond $(f) --class $(firstword $(subst _, ,$(notdir $(f))))) \
+	    -n 4 --out demo.png
+	@echo "demo picture: $(CURDIR)/demo.png  (each row: the condition, then four samples)"
 
 test: setup
 	$(BIN)/ruff check .
@@ -39,6 +41,9 @@ default-model: setup
 
 bench-early-centric: setup
 	$(BIN)/python benchmarks/early_centric.py
+
+bench-runtime: setup
+	$(BIN)/python benchmarks/runtime.py
 
 lint: setup
 	$(BIN)/ruff check .

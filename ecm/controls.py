@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ecm.data import IMAGE_SUFFIXES, preprocess
 from ecm.runtime.errors import ECMError
+from ecm.runtime.images import IMAGE_SUFFIXES, canny_edges, preprocess
 
 Extractor = Callable[[np.ndarray], np.ndarray]
 EXTRACTORS: dict[str, Extractor] = {}
@@ -35,13 +35,6 @@ def register_control(name: str) -> Callable[[Extractor], Extractor]:
         return fn
 
     return wrap
-
-
-def canny_edges(img_HW3: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    """Binary edge map (0 / 255, uint8) of an RGB image: OpenCV Canny on its grey version."""
-    import cv2
-
-    return cv2.Canny(cv2.cvtColor(np.ascontiguousarray(img_HW3), cv2.COLOR_RGB2GRAY), low, high)
 
 
 register_control("canny")(canny_edges)

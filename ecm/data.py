@@ -16,24 +16,10 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from ecm.runtime.errors import ECMError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from ecm.runtime.images import IMAGE_SUFFIXES, preprocess
 
 #: Classes of the procedural set: one shape kind each.
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "ellipse", "bars")
-
-
-def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
-    """The official VAR evaluation preprocessing: shorter side to round(1.125 x res) with Lanczos,
-    then a centre crop, with torchvision's Resize / CenterCrop arithmetic."""
-    img = img.convert("RGB")
-    mid = round(resolution * 1.125)
-    w, h = img.size
-    size = (mid, int(mid * h / w)) if w <= h else (int(mid * w / h), mid)
-    img = img.resize(size, Image.LANCZOS)
-    w, h = img.size
-    left, top = round((w - resolution) / 2.0), round((h - resolution) / 2.0)
-    return np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
 
 
 def to_model_range(arr_NHW3: np.ndarray) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Fold LayerNorm affine parameters into the linear layer that follows, where that is exact.
+"""Fold what is constant at deployment into fewer, cheaper operations.
+
+AdaLN tables: a class-conditional VAR modulates every norm by ``ada_lin(class_emb[label])``; that
+is a constant per class, so it becomes a row lookup (:func:`fold_class_tables`).
+
+LayerNorm affine parameters go into the linear layer that follows, where that is exact:
 
 ``W (x_hat * gamma + beta) + b = (W diag(gamma)) x_hat + (W beta + b)``: the norm keeps only its
 normalisation and the graph loses a multiply and an add per norm. Applied to every norm that
@@ -13,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ecm.adapters import ECM
+from ecm.var import VAR
 
 
 @torch.no_grad()
@@ -46,3 +52,29 @@ def fold_ecm_norms(ecm: ECM) -> ECM:
     ecm.ctrl_proj.bias += _fold(ecm.encoder.norm, ecm.ctrl_proj.weight)
     ecm.encoder.norm = _plain(ecm.encoder.norm)
     return ecm
+
+
+class ClassTable(nn.Module):
+    """An AdaLN modulation precomputed for every class: a row lookup replaces SiLU + Linear."""
+
+    def __init__(self, table_KD: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table_KD)
+
+    def forward(self, label_B: torch.Tensor) -> torch.Tensor:
+        return self.table[label_B].float()
+
+
+@torch.no_grad()
+def fold_class_tables(var: VAR, dtype: torch.dtype = torch.float32) -> VAR:
+    """Replace every AdaLN ``ada_lin`` of ``var`` by its table over the classes (+ unconditional), in place.
+
+    The modulation depends on the class alone, so a step reads two table rows instead of the
+    whole ``ada_lin`` weight (a third of a VAR block's weights). The tables hold as many values as
+    those weights for 1000 classes and far fewer for small class sets. After folding, the blocks
+    take class labels where they took class embeddings.
+    """
+    emb_KD = var.class_emb.weight
+    for owner in [*var.blocks, var.head_nm]:
+        owner.ada_lin = ClassTable(owner.ada_lin(emb_KD).to(dtype))
+    return var

@@ -29,12 +29,14 @@ def save_golden(folder: Path, m: Manifest) -> list[Path]:
     labels, cond = conditions(m, m.batch)
     sampling = Sampling.defaults(m)
     loop = ScaleLoop(m, OrtBackend(folder, m), m.batch)
-    traj = loop.run(labels, cond, sampling, record=True)
+    traj = loop.run(labels, cond, sampling, record=True)  # leaves the full KV cache in the loop's buffers
     cases: list[tuple[str, str, Arrays]] = []
     if cond is not None:
         cases.append(("control", "control", {"cond": cond}))
     for si in golden_scales(m):
-        feeds = loop.step_feeds(si, labels, traj.x_in[si], traj.f_hat_in[si], traj.uniforms[si], traj.ctrl, sampling)
+        pn = m.patch_nums[si]
+        u = traj.uniforms[si].reshape(m.batch, pn, pn)
+        feeds = loop.step_feeds(si, labels, traj.x_in[si], traj.f_hat_in[si], u, sampling)
         cases.append((f"step_s{si}", "step", feeds))
     cases.append(("decoder", "decoder", {"f_hat": traj.f_hat}))
     gold = folder / "golden"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from ecm.export.fold import ClassTable
 
 from ecm import resample
 from ecm.adapters import ECM
@@ -73,7 +74,10 @@ class StepGraph(nn.Module):
                 top_p: torch.Tensor, ctrl: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         var = self.var
         b, pn = past_k.shape[0], x_in.shape[-1]
-        cond_2BD = var.class_cond(torch.cat((label, torch.full_like(label, var.num_classes))))
+        label_2B = torch.cat((label, torch.full_like(label, var.num_classes)))
+        cond_2BD = var.class_cond(label_2B)
+        # with AdaLN tables (export.fold.fold_class_tables) the norms look their modulation up by label
+        modulate = label_2B if isinstance(var.head_nm.ada_lin, ClassTable) else cond_2BD
         # Scale 0 starts from the class embedding (``first`` = 1); later scales from the latent.
         words_BlC = var.word_embed(x_in.flatten(2).transpose(1, 2))
         sos_2B1C = cond_2BD.unsqueeze(1) + var.pos_start
@@ -86,7 +90,7 @@ class StepGraph(nn.Module):
             ctrl_BlC = ctrl.flatten(0, 1).transpose(0, 1)
             ctrl_2BlC = torch.cat((ctrl_BlC, torch.zeros_like(ctrl_BlC)))  # CFG's unconditional rows: no control
             inject = self.ecm.injector(ctrl_2BlC, None, cache.layers(var.config.depth))
-        logits_2BlV = var.logits(var.run_blocks(x_2BlC, cond_2BD, None, cache, inject), cond_2BD)
+        logits_2BlV = var.logits(var.run_blocks(x_2BlC, modulate, None, cache, inject), modulate)
 
         idx_Bl = sample_tokens(logits_2BlV, u.flatten(1), cfg_t=cfg, temperature=temperature, top_k=top_k,
                                top_p=top_p, candidates=self.candidates)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from ecm.export.fold import fold_ecm_norms
+from ecm.export.fold import fold_class_tables, fold_ecm_norms
 from ecm.export.graphs import ControlGraph, DecoderGraph, StepGraph
 from ecm.export.onnx_export import (
     BATCH_DYNAMIC,
@@ -127,6 +127,7 @@ def deployable(var: VAR, ecm: ECM | None, precision: str) -> tuple[StepGraph, nn
     """Copies of the three networks as they are exported: norms folded, precision applied."""
     var = copy.deepcopy(var).eval().float()
     var.attach_vae(copy.deepcopy(var.vae).eval().float())
+    fold_class_tables(var, torch.float32 if precision == "fp32" else torch.float16)
     ecm = fold_ecm_norms(copy.deepcopy(ecm).eval().float()) if ecm is not None else None
     step = StepGraph(var, ecm, candidates=0)
     control = ControlGraph(ecm) if ecm is not None else None

@@ -1,14 +1,129 @@
-"""``ecm-run``: generation on the target device, torch-free."""
+"""``ecm-run``: generate images with an exported engine (ONNX Runtime or TensorRT), torch-free."""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import click
+import numpy as np
 
-from .errors import exit_on_error, not_built
+from .engine import BACKENDS, default_engine, open_engine
+from .errors import ECMError, exit_on_error
+from .images import grid, prepare_condition, read_image, save_png
+from .loop import Sampling, ScaleLoop
+from .manifest import Manifest
+
+MAX_CPU_BATCH = 8
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def zoom(img: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling, so that small images stay visible in a grid."""
+    return img if factor == 1 else img.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if ``path`` cannot be written."""
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ECMError(f"cannot write {path}; choose a writable --out file")
+
+
+def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None) -> list[np.ndarray]:
+    """Each ``--cond`` as the control graph's uint8 input; ``--control canny`` extracts edges from photos."""
+    if m.control is None:
+        if paths:
+            raise ECMError("this engine has no control adapters (exported with --no-ecm); drop --cond")
+        return [None]
+    if not paths:
+        raise ECMError(f"this engine follows {m.control.type!r} conditions: pass --cond with a control map "
+                       f"(or a photo with --control {m.control.type})")
+    if control is not None and control != m.control.type:
+        raise ECMError(f"--control {control}, but this engine's adapters follow {m.control.type!r}")
+    return [prepare_condition(read_image(p), m.control, extract=control is not None) for p in paths]
+
+
+@click.command()
+@click.option("--engine", type=click.Path(path_type=Path), default=None,
+              help="var_ecm.plan (TensorRT), var_ecm.onnx or an ecm-export folder (ONNX Runtime). "
+                   "Default: the embedded default model, exported to ONNX on first use.")
+@click.option("--cond", "conds", multiple=True, type=click.Path(path_type=Path),
+              help="Condition image: a control map (white edges on black for Canny), or a photo with --control "
+                   "canny. Repeat for several conditions.")
+@click.option("--control", default=None, help="Extract this control from --cond photos (canny).")
+@click.option("--class", "labels", multiple=True, type=int, default=(0,), show_default=True,
+              help="Class label: one for all conditions, or one per --cond in the same order.")
+@click.option("--seed", default=0, show_default=True, help="Seed; image j of each condition uses seed + j.")
+@click.option("--temperature", default=None, help="Temperature schedule: T, A:B, A:B@k or linear:A:B. "
+              "Default: the engine's (1.0:0.8 with adapters).")
+@click.option("--cfg", type=float, default=None, help="Classifier-free guidance weight. Default: the engine's.")
+@click.option("--top-k", type=int, default=None, help="Top-k sampling (1 = greedy). Default: the engine's.")
+@click.option("--top-p", type=float, default=None, help="Top-p sampling (0 = off). Default: the engine's.")
+@click.option("-n", "--num-images", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Images per condition.")
+@click.option("--batch", default=None, type=click.IntRange(min=1),
+              help="Images per engine call. Default: the plans' batch on TensorRT, up to 8 on ONNX Runtime.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ecm_run.png"),
+              show_default=True, help="PNG to write: the image, or a grid (condition first) for several.")
+@click.option("--save-steps", is_flag=True, help="Also write <out>_steps.png: each image after every scale.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: TensorRT for .plan, ONNX Runtime otherwise.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime device (cuda needs onnxruntime-gpu).")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime CPU threads (0 = all cores).")
+@click.option("-v", "--verbose", is_flag=True, help="Print per-scale timings.")
 @exit_on_error
-def main() -> None:
-    """Generate images with an exported engine (not built yet)."""
-    not_built("ecm-run", "the runtime issue")
+def main(engine, conds, control, labels, seed, temperature, cfg, top_k, top_p, num_images, batch, out, save_steps,
+         backend, device, threads, verbose) -> None:
+    """Generate images with an exported ECM engine, scale by scale, without torch."""
+    check_writable(out)
+    if engine is None:
+        engine = default_engine(progress=click.echo)
+    m, runner = open_engine(engine, backend, device, threads)
+    for label in labels:
+        if not 0 <= label < m.num_classes:
+            raise ECMError(f"--class {label} is out of range: this model has {m.num_classes} classes "
+                           f"(0..{m.num_classes - 1})")
+    sampling = Sampling.defaults(m, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
+    conditions = load_conditions(conds, m, control)
+    if len(labels) not in (1, len(conditions)):
+        raise ECMError(f"{len(labels)} --class values for {len(conditions)} conditions; give one, or one per --cond")
+    labels = labels * len(conditions) if len(labels) == 1 else labels
+    is_trt = runner.name == "TensorRT"
+    B = batch or (m.batch if is_trt else min(num_images, MAX_CPU_BATCH))
+    if is_trt and B != m.batch:
+        raise ECMError(f"these plans are built for batch {m.batch}; drop --batch or re-export with --batch {B}")
+    loop = ScaleLoop(m, runner, B)
+    rows, strips, seconds, timings = [], [], 0.0, []
+    for cond, label in zip(conditions, labels):
+        images, steps = [], []
+        for start in range(0, num_images, B):
+            cond_B = None if cond is None else np.repeat(cond[None], B, axis=0)
+            t0 = time.perf_counter()
+            traj = loop.run(np.full(B, label), cond_B, sampling, seed=seed + start, steps=save_steps, timed=verbose)
+            seconds += time.perf_counter() - t0
+            timings.append(traj.seconds)
+            keep = min(B, num_images - start)
+            images += list(traj.images[:keep])
+            steps += [[s[i] for s in traj.step_images] for i in range(keep)]
+        rows.append(images if cond is None else [cond, *images])
+        strips += steps
+    total = len(conditions) * num_images
+    factor = max(1, 128 // m.image_size)
+    if total == 1:
+        save_png(rows[0][-1], out)
+    else:
+        save_png(grid([[zoom(im, factor) for im in row] for row in rows]), out)
+    click.echo(f"wrote {out} ({total} image{'s' * (total > 1)}, {seconds / total:.3f} s per image, "
+               f"{runner.name} on {runner.device})")
+    if save_steps:
+        steps_path = out.with_name(f"{out.stem}_steps.png")
+        save_png(grid([[zoom(im, factor) for im in strip] for strip in strips]), steps_path)
+        click.echo(f"wrote {steps_path} (each row: one image after every scale, coarse to fine)")
+    if verbose:
+        click.echo(f"per call, mean over {len(timings)} batch(es) of {B}:")
+        for name in timings[0]:
+            click.echo(f"  {name:18} {1000 * np.mean([t[name] for t in timings]):8.2f} ms")

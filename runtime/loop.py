@@ -8,8 +8,12 @@ next input on; finally decode. A backend only has to run a named graph on named 
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,13 +26,40 @@ from .schedule import parse_temperature
 
 Arrays = dict[str, np.ndarray]
 
-
 class Backend(Protocol):
-    """Runs the graphs of one export."""
+    """Runs the graphs of one export on buffers it allocates (host arrays or device memory)."""
 
-    def run(self, role: str, feeds: Arrays, out: Arrays | None = None) -> Arrays:
-        """Run graph ``role`` ('step', 'control', 'decoder'); write outputs named in ``out`` into those arrays."""
+    name: str  # "ONNX Runtime", "TensorRT"
+    device: str  # "cpu", "cuda"
+
+    def alloc(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """A zeroed buffer."""
         ...
+
+    def upload(self, arr: np.ndarray) -> Any:
+        """A buffer holding ``arr`` (the array itself on the CPU)."""
+        ...
+
+    def download(self, buf: Any) -> np.ndarray:
+        """A host copy of ``buf``."""
+        ...
+
+    def run(self, role: str, feeds: dict[str, Any], out: dict[str, Any], profile: int = 0) -> None:
+        """Run graph ``role`` ('step', 'control', 'decoder') with optimization profile ``profile``,
+        writing every output into the buffer of that name in ``out``."""
+        ...
+
+
+def rows(buf: Any, start: int, stop: int) -> Any:
+    """Rows [start, stop) of axis 0, without a copy (contiguous)."""
+    return buf[start:stop] if isinstance(buf, np.ndarray) else buf.rows(start, stop)
+
+
+def view(buf: Any, shape: tuple[int, ...]) -> Any:
+    """The first prod(shape) elements of ``buf`` as an array of ``shape``, without a copy."""
+    if isinstance(buf, np.ndarray):
+        return buf.reshape(-1)[:math.prod(shape)].reshape(shape)
+    return buf.view(shape)
 
 
 @dataclass(frozen=True)
@@ -79,73 +110,143 @@ def scale_constants(m: Manifest, si: int, s: Sampling) -> Arrays:
 
 @dataclass
 class Trajectory:
-    """What one batch went through: tokens per scale, the final images, and optionally more."""
+    """What one batch went through: the images, and with ``record`` every scale's tensors."""
 
-    tokens: list[np.ndarray] = field(default_factory=list)  # (B, pn*pn) int64 per scale
     images: np.ndarray | None = None  # (B, H, W, 3) uint8
+    step_images: list[np.ndarray] = field(default_factory=list)  # image after each scale, with steps=True
+    tokens: list[np.ndarray] = field(default_factory=list)  # (B, pn*pn) int64 per scale, when recorded
     logits: list[np.ndarray] = field(default_factory=list)  # (2B, pn*pn, V) per scale, when recorded
-    x_in: list[np.ndarray] = field(default_factory=list)  # each scale's input, when recorded
-    f_hat_in: list[np.ndarray] = field(default_factory=list)
-    f_hat: np.ndarray | None = None  # the final latent
-    ctrl: np.ndarray | None = None  # control tokens (L, B, C)
+    x_in: list[np.ndarray] = field(default_factory=list)  # each scale's input latent, when recorded
+    f_hat_in: list[np.ndarray] = field(default_factory=list)  # f_hat before each scale, when recorded
+    f_hat: np.ndarray | None = None  # the final latent, when recorded
+    ctrl: np.ndarray | None = None  # control tokens (L, B, C), when recorded
     uniforms: list[np.ndarray] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per graph call, when timed
 
 
 class ScaleLoop:
-    """Generation with preallocated buffers for one batch size."""
+    """Generation for one batch size over buffers allocated once: every run reuses them.
+
+    Host transfers per batch: labels, condition and uniforms in, images out (plus whatever
+    ``record`` or ``steps`` ask for). On a GPU backend everything else stays on the device.
+    """
 
     def __init__(self, manifest: Manifest, backend: Backend, batch: int | None = None):
-        self.m, self.backend = manifest, backend
-        self.batch = manifest.batch if batch is None else batch
-        L = total_tokens(manifest.patch_nums)
-        dtype = np.dtype(manifest.kv_dtype)
-        self.cache_k = np.zeros(manifest.kv_shape(L, self.batch), dtype)
-        self.cache_v = np.zeros_like(self.cache_k)
+        m = self.m = manifest
+        self.backend = backend
+        B = self.batch = manifest.batch if batch is None else batch
+        L, Cv, HW, V = total_tokens(m.patch_nums), m.latent_channels, m.latent_size, m.vocab_size
+        alloc = backend.alloc
+        self.cache_k, self.cache_v = alloc(m.kv_shape(L, B), m.kv_dtype), alloc(m.kv_shape(L, B), m.kv_dtype)
+        self.f_hat = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]  # ping-pong: in, out
+        self.x = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]
+        self.logits = alloc((2 * B, HW * HW, V), "float32")
+        self.tokens = alloc((B, HW * HW), "int64")
+        self.ctrl = alloc((L, B, m.embed_dim), "float32") if m.control is not None else None
+        self.image = alloc((B, m.image_size, m.image_size, 3), "uint8")
+        self._constants: dict[Sampling, list[dict[str, Any]]] = {}
+
+    def constants(self, sampling: Sampling) -> list[dict[str, Any]]:
+        """Every scale's constant inputs, uploaded once per sampling setting."""
+        if sampling not in self._constants:
+            upload = self.backend.upload
+            self._constants[sampling] = [{k: upload(v) for k, v in scale_constants(self.m, si, sampling).items()}
+                                         for si in range(self.m.num_scales)]
+        return self._constants[sampling]
 
     def run(self, labels: np.ndarray, cond: np.ndarray | None, sampling: Sampling, *, seed: int = 0,
             uniforms: list[np.ndarray] | None = None, teacher: Trajectory | None = None,
-            record: bool = False, decode: bool = True) -> Trajectory:
-        """Generate one batch. ``teacher`` feeds another run's inputs at every scale (teacher forcing)."""
-        m, B = self.m, self.batch
+            record: bool = False, steps: bool = False, decode: bool = True, timed: bool = False) -> Trajectory:
+        """Generate one batch; image j draws its uniforms from seed ``seed + j``.
+
+        ``teacher`` feeds another run's inputs at every scale (teacher forcing); ``record`` keeps
+        every scale's tensors, ``steps`` the image after every scale, ``timed`` the graph times.
+        """
+        m, B, be = self.m, self.batch, self.backend
         labels = np.asarray(labels, np.int64).reshape(-1)
         if labels.shape != (B,):
             raise ConfigError(f"{labels.size} class labels for a batch of {B}")
         if np.any((labels < 0) | (labels >= m.num_classes)):
             raise ConfigError(f"class labels must lie in 0..{m.num_classes - 1}, got {sorted(set(labels.tolist()))}")
         uniforms = uniforms if uniforms is not None else draw_uniforms(seed, B, m.patch_nums)
-        ctrl = None
+        traj = Trajectory(uniforms=uniforms)
+        clock = _Clock(traj.seconds if timed else None, getattr(be, "synchronize", None))
         if m.control is not None:
             if cond is None:
-                raise ConfigError("this export has a control encoder: give a condition image")
-            ctrl = self.backend.run("control", {"cond": cond})["ctrl_tokens"]
-        Cv, HW = m.latent_channels, m.latent_size
-        x_in = np.zeros((B, Cv, 1, 1), np.float32)
-        f_hat = np.zeros((B, Cv, HW, HW), np.float32)
-        traj = Trajectory(ctrl=ctrl, uniforms=uniforms)
+                raise ConfigError("this engine has a control encoder: give a condition image (--cond)")
+            with clock("control"):
+                be.run("control", {"cond": be.upload(np.ascontiguousarray(cond, np.uint8))},
+                       {"ctrl_tokens": self.ctrl})
+            if record:
+                traj.ctrl = be.download(self.ctrl)
+        label_buf = be.upload(labels)
+        Cv = m.latent_channels
+        x_in, f_hat = view(self.x[0], (B, Cv, 1, 1)), self.f_hat[0]
+        _zero(x_in)
+        _zero(f_hat)
         for si, (b, e) in enumerate(begin_ends(m.patch_nums)):
+            pn, pn_next = m.patch_nums[si], (*m.patch_nums, m.latent_size)[si + 1]
             if teacher is not None:
-                x_in, f_hat = teacher.x_in[si], teacher.f_hat_in[si]
+                x_in, f_hat = be.upload(teacher.x_in[si]), be.upload(teacher.f_hat_in[si])
             if record:
-                traj.x_in.append(x_in)
-                traj.f_hat_in.append(f_hat)
-            feeds = self.step_feeds(si, labels, x_in, f_hat, uniforms[si], ctrl, sampling)
-            out = self.backend.run("step", feeds, {"new_k": self.cache_k[b:e], "new_v": self.cache_v[b:e]})
-            traj.tokens.append(out["tokens"])
+                traj.x_in.append(be.download(x_in))
+                traj.f_hat_in.append(be.download(f_hat))
+            feeds = self.step_feeds(si, label_buf, x_in, f_hat, be.upload(uniforms[si].reshape(B, pn, pn)), sampling)
+            nxt = (si + 1) % 2
+            out = {"logits": view(self.logits, (2 * B, pn * pn, m.vocab_size)),
+                   "tokens": view(self.tokens, (B, pn * pn)), "f_hat_out": self.f_hat[nxt],
+                   "x_next": view(self.x[nxt], (B, Cv, pn_next, pn_next)),
+                   "new_k": rows(self.cache_k, b, e), "new_v": rows(self.cache_v, b, e)}
+            with clock(f"scale {si} ({pn}x{pn})"):
+                be.run("step", feeds, out, profile=si)
             if record:
-                traj.logits.append(out["logits"])
+                traj.tokens.append(be.download(out["tokens"]))
+                traj.logits.append(be.download(out["logits"]))
+            if steps:
+                traj.step_images.append(self._decode(out["f_hat_out"]))
             x_in, f_hat = out["x_next"], out["f_hat_out"]
-        traj.f_hat = f_hat
+        if record:
+            traj.f_hat = be.download(f_hat)
         if decode:
-            traj.images = self.backend.run("decoder", {"f_hat": f_hat})["image"]
+            with clock("decoder"):
+                traj.images = self._decode(f_hat)
         return traj
 
-    def step_feeds(self, si: int, labels: np.ndarray, x_in: np.ndarray, f_hat: np.ndarray, u_Bl: np.ndarray,
-                   ctrl_LBC: np.ndarray | None, sampling: Sampling) -> Arrays:
-        """The step graph's inputs at scale ``si``; the past K/V are views of the cache."""
+    def step_feeds(self, si: int, labels: Any, x_in: Any, f_hat: Any, u_Bpp: Any, sampling: Sampling) -> dict[str, Any]:
+        """The step graph's inputs at scale ``si``: past K/V and control tokens are views of the buffers."""
         m, B = self.m, self.batch
         pn, (b, e) = m.patch_nums[si], begin_ends(m.patch_nums)[si]
-        feeds = {"label": labels, "x_in": x_in, "f_hat": f_hat, "past_k": self.cache_k[:b],
-                 "past_v": self.cache_v[:b], "u": u_Bl.reshape(B, pn, pn), **scale_constants(m, si, sampling)}
-        if ctrl_LBC is not None:
-            feeds["ctrl"] = ctrl_LBC[b:e].reshape(pn, pn, B, -1)
+        feeds = {"label": labels, "x_in": x_in, "f_hat": f_hat, "past_k": rows(self.cache_k, 0, b),
+                 "past_v": rows(self.cache_v, 0, b), "u": u_Bpp, **self.constants(sampling)[si]}
+        if self.ctrl is not None:
+            feeds["ctrl"] = view(rows(self.ctrl, b, e), (pn, pn, B, m.embed_dim))
         return feeds
+
+    def _decode(self, f_hat: Any) -> np.ndarray:
+        self.backend.run("decoder", {"f_hat": f_hat}, {"image": self.image})
+        return self.backend.download(self.image)
+
+
+def _zero(buf: Any) -> None:
+    if isinstance(buf, np.ndarray):
+        buf[...] = 0
+    else:
+        buf.zero()
+
+
+class _Clock:
+    """Wall time per named block into ``into`` (a no-op without it), waiting for the device around it."""
+
+    def __init__(self, into: dict[str, float] | None, sync: Callable[[], None] | None):
+        self.into, self.sync = into, sync or (lambda: None)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.into is None:
+            yield
+            return
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.into[name] = time.perf_counter() - start

@@ -8,11 +8,17 @@ import numpy as np
 def draw_uniforms(seed: int, batch: int, patch_nums: tuple[int, ...]) -> list[np.ndarray]:
     """One uniform in (0, 1] per token, scale by scale: a list of float32 arrays (batch, pn*pn).
 
-    Inverse-CDF sampling picks the first token whose cumulative probability reaches
-    ``u * total``; with u > 0 that token always has non-zero probability.
+    Image j of the batch draws from seed ``seed + j``, so an image depends on its seed only, not
+    on how a run is split into batches. Inverse-CDF sampling picks the first token whose
+    cumulative probability reaches ``u * total``; with u > 0 that token always has non-zero
+    probability.
     """
-    rng = np.random.default_rng(seed)
-    return [(1.0 - rng.random((batch, pn * pn), dtype=np.float64)).astype(np.float32) for pn in patch_nums]
+    per_image = []
+    for j in range(batch):
+        rng = np.random.default_rng(seed + j)
+        per_image.append([1.0 - rng.random(pn * pn, dtype=np.float64) for pn in patch_nums])
+    return [np.stack([img[si] for img in per_image]).astype(np.float32).reshape(batch, -1)
+            for si in range(len(patch_nums))]
 
 
 #: Sampling defaults, shared by eager generation, export manifests and the runtime CLI.

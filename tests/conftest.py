@@ -44,3 +44,22 @@ def d16_pair() -> tuple[VQVAE, VAR]:
     vae_cfg = vqvae_config("tiny", vocab_size=4096, z_channels=32, ch_mult=(1, 1, 1, 1, 2),
                            patch_nums=PATCH_NUMS_256)
     return make_pair(vae_cfg, var_config("d16", vae=vae_cfg, depth=2), seed=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_ecm(tiny_pair):
+    """Random adapters (gates non-zero) for the tiny backbone."""
+    from ecm.adapters import ECM, ecm_config
+
+    _, var = tiny_pair
+    return randomize_(ECM(ecm_config(var.config, var.vae.config.downsample, "tiny")), seed=5)
+
+
+@pytest.fixture(scope="session")
+def fp32_export(tiny_pair, tiny_ecm, tmp_path_factory):
+    """The tiny backbone + adapters exported in fp32, with the static per-scale graphs too."""
+    from ecm.export.pipeline import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("fp32")
+    return export_model(tiny_pair[1], tiny_ecm, out, ExportOptions(precision="fp32", static_scales=True),
+                        progress=lambda _: None)

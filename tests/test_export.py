@@ -22,24 +22,9 @@ from ecm.runtime.manifest import MANIFEST_NAME, Manifest, ManifestError
 from ecm.runtime.ort_backend import OrtBackend
 from onnx import shape_inference
 
-from ecm.adapters import ECM, ecm_config
-from tests.conftest import randomize_
-
 
 def quiet(_: str) -> None:
     pass
-
-
-@pytest.fixture(scope="module")
-def tiny_ecm(tiny_pair):
-    _, var = tiny_pair
-    return randomize_(ECM(ecm_config(var.config, var.vae.config.downsample, "tiny")), seed=5)  # gates != 0
-
-
-@pytest.fixture(scope="module")
-def fp32_export(tiny_pair, tiny_ecm, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp32")
-    return export_model(tiny_pair[1], tiny_ecm, out, ExportOptions(precision="fp32", static_scales=True), quiet)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +56,11 @@ def test_fp16_keeps_the_tokens_and_its_sensitive_ops_in_fp32(fp16_export):
     checked = [n for n in model.graph.node if n.op_type in fp32_only]
     assert {n.op_type for n in checked} == fp32_only
     assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in checked)
-    head = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and any("head" in i for i in n.input)]
-    assert head and all(inits.get(i) in (None, onnx.TensorProto.FLOAT) for n in head for i in n.input)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    bias_add = next(n for n in model.graph.node if "var.head.bias" in n.input)
+    head = producer[next(i for i in bias_add.input if i != "var.head.bias")]  # the vocabulary projection
+    assert head.op_type in ("MatMul", "Gemm")
+    assert [inits[i] for i in head.input if i in inits] == [onnx.TensorProto.FLOAT]
     assert Manifest.load(fp16_export.folder).kv_dtype == "float16"
 
 
@@ -109,8 +97,9 @@ def test_each_scale_profile_pins_every_dynamic_axis(fp32_export):
                     assert d == v
         feeds = {k: np.zeros(s, dtype=t) for k, (s, t) in shapes.items()}
         feeds["top_k"][:] = 1
-        got = backend.run("step", feeds)
-        assert {k: v.shape for k, v in got.items()} == {k: s for k, (s, _) in m.step_outputs(si).items()}
+        out = {k: np.full(s, -1, dtype=t) for k, (s, t) in m.step_outputs(si).items()}
+        backend.run("step", feeds, out)  # ONNX Runtime refuses outputs whose shapes differ from these
+        assert (out["tokens"] >= 0).all() and (out["tokens"] < m.vocab_size).all()
 
 
 def test_static_scale_graphs_are_fully_static_and_agree(fp32_export):
@@ -128,7 +117,9 @@ def test_static_scale_graphs_are_fully_static_and_agree(fp32_export):
         inferred = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
         for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
             assert all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim), v.name
-        feeds = loop.step_feeds(si, labels, traj.x_in[si], traj.f_hat_in[si], traj.uniforms[si], traj.ctrl, sampling)
+        pn = m.patch_nums[si]
+        feeds = loop.step_feeds(si, labels, traj.x_in[si], traj.f_hat_in[si], traj.uniforms[si].reshape(1, pn, pn),
+                                sampling)
         sess = ort.InferenceSession(str(folder / m.graphs[f"step_s{si}"]), providers=["CPUExecutionProvider"])
         tokens = sess.run(["tokens"], feeds)[0]
         assert np.array_equal(tokens, traj.tokens[si])

@@ -1,0 +1,101 @@
+"""Images in and out, torch-free: reading any condition image, the official resize, Canny, PNG grids.
+
+Training and the runtime share these functions, so a condition is prepared the same way for both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ECMError
+from .files import atomic_path
+from .manifest import ControlSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
+    """The official VAR evaluation preprocessing: shorter side to round(1.125 x res) with Lanczos,
+    then a centre crop, with torchvision's Resize / CenterCrop arithmetic. Returns uint8 (H, W, 3)."""
+    img = to_rgb(img)
+    mid = round(resolution * 1.125)
+    w, h = img.size
+    size = (mid, int(mid * h / w)) if w <= h else (int(mid * w / h), mid)
+    img = img.resize(size, Image.LANCZOS)
+    w, h = img.size
+    left, top = round((w - resolution) / 2.0), round((h - resolution) / 2.0)
+    return np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16/32-bit and float greys are rescaled, transparency goes on black."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and arr.max() <= 1.0 else (65535.0 if arr.max() > 255 else 255.0)
+        img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image file fully, or fail with one line that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ECMError(f"condition image {path} does not exist; pass an existing image file")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ECMError(f"cannot read {path} as an image ({type(e).__name__}); pass a PNG or JPEG") from None
+    return img
+
+
+def canny_edges(img_HW3: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Binary edge map (0 / 255, uint8) of an RGB image: OpenCV Canny on its grey version."""
+    try:
+        import cv2
+    except ImportError:
+        raise ECMError("Canny edges need OpenCV: pip install opencv-python-headless") from None
+    return cv2.Canny(cv2.cvtColor(np.ascontiguousarray(img_HW3), cv2.COLOR_RGB2GRAY), low, high)
+
+
+def prepare_condition(img: Image.Image, spec: ControlSpec, extract: bool) -> np.ndarray:
+    """The control graph's input for one image: uint8 (R, R, 3).
+
+    ``extract``: ``img`` is a photo and the edges are computed here, as in training. Otherwise it is
+    the map itself: used as is at the model's size, else resized like training images; Canny maps
+    are made binary again (white edges on black, like OpenCV's output).
+    """
+    R = spec.resolution
+    if extract:
+        if spec.type != "canny":
+            raise ECMError(f"this engine's adapters follow {spec.type!r}; only Canny edges can be extracted "
+                           "here, so pass the control map itself")
+        return np.repeat(canny_edges(preprocess(img, R), spec.canny_low, spec.canny_high)[..., None], 3, axis=2)
+    rgb = to_rgb(img)
+    arr = np.asarray(rgb, dtype=np.uint8) if rgb.size == (R, R) else preprocess(rgb, R)
+    if spec.type == "canny":
+        arr = np.repeat(np.where(arr.max(axis=2) > 127, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+    return arr
+
+
+def save_png(arr_HW3: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 RGB array as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr_HW3).save(tmp, format="PNG")
+
+
+def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tile equally sized uint8 images (H, W, 3) into rows, separated by ``pad`` white pixels."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + pad) - pad, cols * (w + pad) - pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            out[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = img
+    return out

@@ -1,0 +1,48 @@
+"""Resident memory of this process, and keeping it close to what the runtime really holds."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+from pathlib import Path
+
+from .manifest import Manifest
+
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory() -> None:
+    """Serve large allocations (>= 1 MiB) from their own mappings, so freeing returns them to the OS.
+
+    glibc otherwise raises this threshold as buffers are freed and keeps the big per-scale
+    activations in its heap, where fragmentation holds on to them between images. No-op elsewhere.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def rss_mb() -> float:
+    """Resident set size now, MiB (Linux)."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (Linux)."""
+    return _status_mb("VmHWM")
+
+
+def weight_bytes(folder: str | Path) -> int:
+    """Bytes of an export's graphs on disk: their weights, plus a small graph description."""
+    folder = Path(folder)
+    m = Manifest.load(folder)
+    return sum(p.stat().st_size for name in m.graphs.values() if not name.startswith("step_s")
+               for p in folder.glob(name + "*"))

@@ -1,0 +1,166 @@
+"""ecm-run and the scale loop: torch-free, the eager model's images, seeds, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from ecm.runtime.cli import main as run_cli
+from ecm.runtime.images import prepare_condition, read_image
+from ecm.runtime.manifest import MANIFEST_NAME, ControlSpec
+from PIL import Image
+
+from ecm.data import to_model_range
+from ecm.evaluate import to_uint8
+
+
+def invoke(args):
+    result = CliRunner().invoke(run_cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def edge_png(tmp_path_factory):
+    """A 64 px Canny-like condition: white lines on black."""
+    arr = np.zeros((64, 64), np.uint8)
+    arr[12:50, 20] = arr[12:50, 44] = arr[12, 20:45] = arr[49, 20:45] = 255
+    path = tmp_path_factory.mktemp("cond") / "edge.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_runtime_never_imports_torch(fp32_export, edge_png, tmp_path):
+    code = ("import sys; from ecm.runtime.cli import main; "
+            f"main(['--engine', {str(fp32_export.folder)!r}, '--cond', {str(edge_png)!r}, '-n', '2', "
+            f"'--out', {str(tmp_path / 'o.png')!r}], standalone_mode=False); "
+            "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "torch imported: False" in out and (tmp_path / "o.png").is_file()
+
+
+def test_ecm_run_draws_the_eager_models_image(fp32_export, tiny_pair, tiny_ecm, edge_png, tmp_path):
+    code, out = invoke(["--engine", fp32_export.folder / "var_ecm.onnx", "--cond", edge_png, "--class", 3,
+                        "--seed", 7, "--out", tmp_path / "one.png"])
+    assert code == 0, out
+    got = np.asarray(Image.open(tmp_path / "one.png"))
+    cond = prepare_condition(read_image(edge_png), ControlSpec(resolution=64), extract=False)
+    with torch.no_grad():
+        want = tiny_pair[1].generate([3], ecm=tiny_ecm, control_B3HW=to_model_range(cond[None]), seed=7,
+                                     candidates=fp32_export.manifest.candidates)
+    assert np.abs(got.astype(int) - to_uint8(want.images)[0].astype(int)).max() <= 1
+
+
+def test_image_j_depends_on_its_seed_only(fp32_export, edge_png, tmp_path):
+    code, _ = invoke(["--engine", fp32_export.folder, "--cond", edge_png, "-n", 3, "--batch", 2, "--seed", 5,
+                      "--out", tmp_path / "grid.png", "--save-steps"])
+    assert code == 0
+    code, _ = invoke(["--engine", fp32_export.folder, "--cond", edge_png, "--seed", 7, "--out", tmp_path / "s7.png"])
+    assert code == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    cell = grid.shape[0]  # one row: condition, then three images, zoomed to the same square cells
+    third = grid[:, 3 * (cell + 2):3 * (cell + 2) + cell]
+    single = np.asarray(Image.open(tmp_path / "s7.png")).repeat(2, 0).repeat(2, 1)
+    assert np.array_equal(third, single)
+    steps = np.asarray(Image.open(tmp_path / "grid_steps.png"))
+    assert steps.shape[1] == 6 * cell + 5 * 2 and steps.shape[0] == 3 * cell + 2 * 2
+    code, _ = invoke(["--engine", fp32_export.folder, "--cond", edge_png, "--seed", 7, "--out", tmp_path / "again.png"])
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "s7.png").read_bytes()
+
+
+@pytest.mark.parametrize("make", ["rgba", "i16", "palette", "grey", "large", "tiny"])
+def test_any_condition_image_is_converted(fp32_export, edge_png, tmp_path, make):
+    base = Image.open(edge_png).convert("L")
+    img = {"rgba": lambda: base.convert("RGBA"), "i16": lambda: base.point(lambda v: v * 257, "I").convert("I;16"),
+           "palette": lambda: base.convert("P"), "grey": lambda: base,
+           "large": lambda: base.resize((300, 200)), "tiny": lambda: base.resize((16, 16))}[make]()
+    path = tmp_path / f"cond_{make}.png"
+    img.save(path)
+    cond = prepare_condition(read_image(path), ControlSpec(resolution=64), extract=False)
+    assert cond.shape == (64, 64, 3) and cond.dtype == np.uint8 and set(np.unique(cond)) <= {0, 255}
+    if make in ("rgba", "i16", "palette", "grey"):
+        assert np.array_equal(cond[..., 0], np.asarray(base))
+    code, out = invoke(["--engine", fp32_export.folder, "--cond", path, "--out", tmp_path / "o.png"])
+    assert code == 0, out
+
+
+def test_photos_get_their_edges_extracted(fp32_export, tmp_path):
+    from ecm.data import ProceduralShapes
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(ProceduralShapes(size=1, resolution=64, seed=1000)[0][0]).save(photo)
+    code, out = invoke(["--engine", fp32_export.folder, "--cond", photo, "--control", "canny",
+                        "--out", tmp_path / "o.png"])
+    assert code == 0, out
+
+
+@pytest.fixture
+def broken_copy(fp32_export, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(fp32_export.folder, folder)
+    return folder
+
+
+def test_truncated_graph(broken_copy, edge_png, tmp_path):
+    onnx_path = broken_copy / "var_ecm.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:5000])
+    code, out = invoke(["--engine", broken_copy, "--cond", edge_png, "--out", tmp_path / "o.png"])
+    assert code == 2 and "cannot load" in out and "re-export" in out and "Traceback" not in out
+
+
+def test_manifest_of_another_version(broken_copy, edge_png, tmp_path):
+    path = broken_copy / MANIFEST_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), "schema_version": 0}))
+    code, out = invoke(["--engine", broken_copy, "--cond", edge_png, "--out", tmp_path / "o.png"])
+    assert code == 2 and "schema version 0" in out and "re-export" in out
+
+
+def test_plan_without_tensorrt(broken_copy, edge_png, tmp_path):
+    (broken_copy / "var_ecm.plan").write_bytes(b"not a plan")
+    code, out = invoke(["--engine", broken_copy / "var_ecm.plan", "--cond", edge_png, "--out", tmp_path / "o.png"])
+    assert code == 2 and ("TensorRT is not installed" in out or "no TensorRT plans" in out)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "/nonexistent/var_ecm.onnx"], "does not exist"),
+    (["--class", "8"], "--class 8 is out of range: this model has 8 classes"),
+    (["--control", "depth"], "this engine's adapters follow 'canny'"),
+    (["--top-k", "-3"], "top-k -3"),
+    (["--temperature", "hot"], "temperature"),
+    (["--out", "/proc/forbidden/o.png"], "cannot write"),
+])
+def test_bad_arguments(fp32_export, edge_png, tmp_path, args, message):
+    full = ["--engine", fp32_export.folder, "--cond", edge_png, "--out", tmp_path / "o.png", *args]
+    code, out = invoke(full)
+    assert code == 2 and message in out and "Traceback" not in out
+
+
+def test_not_an_image_and_no_condition(fp32_export, tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_text("this is text")
+    code, out = invoke(["--engine", fp32_export.folder, "--cond", junk, "--out", tmp_path / "o.png"])
+    assert code == 2 and "cannot read" in out and "junk.png" in out
+    code, out = invoke(["--engine", fp32_export.folder, "--out", tmp_path / "o.png"])
+    assert code == 2 and "pass --cond" in out
+
+
+@pytest.mark.gpu
+def test_tensorrt_backend_matches_onnx_runtime(fp32_export, edge_png, tmp_path):
+    from ecm.export.tensorrt import build_plans, missing_tensorrt
+
+    reason = missing_tensorrt()
+    if reason is not None:
+        pytest.skip(f"the TensorRT backend needs a GPU and TensorRT: {reason}")
+    folder = tmp_path / "export"
+    shutil.copytree(fp32_export.folder, folder)
+    build_plans(folder, progress=lambda _: None)
+    code, out = invoke(["--engine", folder / "var_ecm.plan", "--cond", edge_png, "--out", tmp_path / "trt.png", "-v"])
+    assert code == 0, out
+    code, out = invoke(["--engine", folder / "var_ecm.onnx", "--cond", edge_png, "--out", tmp_path / "ort.png"])
+    a, b = (np.asarray(Image.open(tmp_path / f"{k}.png")).astype(int) for k in ("trt", "ort"))
+    assert np.abs(a - b).mean() < 8  # fp32 plans: same tokens except rare near-ties
