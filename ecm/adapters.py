@@ -1,11 +1,12 @@
-"""ECM: a small control encoder and a few adapter blocks that steer a frozen VAR.
+"""ECM: a small control encoder and a few bottleneck adapters that steer a frozen VAR.
 
 The control image is encoded once (a ViT whose token grid is the last scale's), area-sampled to
-every scale and projected to the backbone width. Adapter j runs after backbone block
-``positions[j]``: it adds the control tokens of the current scale to the hidden state, refines
-them with its own block-causal attention (own KV cache), then a feed-forward network shared by
-all adapters, scaled by a per-adapter gate. Gates start at zero, so a fresh ECM leaves the
-backbone's output exactly unchanged.
+every scale and projected to the adapters' width D (a quarter of the backbone's by default).
+Adapter j runs after backbone block ``positions[j]``: it projects the hidden state down to D,
+adds the control tokens of the current scale, refines them with its own block-causal attention
+(own KV cache), runs a feed-forward network shared by all adapters, and projects back up, scaled
+by a per-adapter gate. Gates start at zero, so a fresh ECM leaves the backbone's output exactly
+unchanged. Working at D = C/4 keeps an adapter's cost near 1/12 of a backbone block's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class ECMConfig:
     """Adapter sizes plus the backbone facts they were built for (checked when loading)."""
 
     num_adapters: int = 4
+    adapter_dim: int = 0  # width the adapters work at; 0: a quarter of the backbone's
+    adapter_heads: int = 0  # attention heads of an adapter; 0: one per 64 channels
     enc_width: int = 256
     enc_depth: int = 4
     enc_heads: int = 4
@@ -48,6 +51,15 @@ class ECMConfig:
         if not 1 <= self.num_adapters <= self.depth:
             raise ConfigError(f"ECM needs 1..{self.depth} adapters for a depth-{self.depth} backbone, "
                               f"not {self.num_adapters}; pass fewer adapters")
+
+    @property
+    def width(self) -> int:
+        """D, the adapters' width."""
+        return self.adapter_dim or max(self.embed_dim // 4, 1)
+
+    @property
+    def heads(self) -> int:
+        return self.adapter_heads or max(self.width // 64, 1)
 
     @property
     def positions(self) -> tuple[int, ...]:
@@ -113,19 +125,24 @@ class ControlEncoder(nn.Module):
 
 
 class AdapterBlock(nn.Module):
-    """Fuse control tokens by addition, then block-causal attention with its own cache."""
+    """Down-project, fuse the control tokens by addition, block-causal attention with its own cache.
+
+    The shared FFN and this adapter's ``up`` projection follow in :meth:`ECM.adapt`.
+    """
 
     def __init__(self, cfg: ECMConfig):
         super().__init__()
-        var_like = VARConfig(depth=1, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)
-        self.ln1 = nn.LayerNorm(cfg.embed_dim)
-        self.attn = SelfAttention(var_like)
-        self.ln2 = nn.LayerNorm(cfg.embed_dim)
+        D = cfg.width
+        self.down = nn.Linear(cfg.embed_dim, D)
+        self.ln1 = nn.LayerNorm(D)
+        self.attn = SelfAttention(VARConfig(depth=1, embed_dim=D, num_heads=cfg.heads))
+        self.ln2 = nn.LayerNorm(D)
+        self.up = nn.Linear(D, cfg.embed_dim)
 
-    def forward(self, h_BlC: torch.Tensor, ctrl_BlC: torch.Tensor, attn_bias: torch.Tensor | None,
+    def forward(self, h_BlC: torch.Tensor, ctrl_BlD: torch.Tensor, attn_bias: torch.Tensor | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        x_BlC = h_BlC + ctrl_BlC
-        return x_BlC + self.attn(self.ln1(x_BlC), attn_bias, cache, layer)
+        x_BlD = self.down(h_BlC) + ctrl_BlD
+        return x_BlD + self.attn(self.ln1(x_BlD), attn_bias, cache, layer)
 
 
 Injector = Callable[[int, torch.Tensor], torch.Tensor]
@@ -137,42 +154,43 @@ class ECM(nn.Module):
     def __init__(self, cfg: ECMConfig):
         super().__init__()
         self.config = cfg
-        C = cfg.embed_dim
+        D = cfg.width
         self.begin_ends = begin_ends(cfg.patch_nums)
         self.encoder = ControlEncoder(cfg)
-        self.ctrl_proj = nn.Linear(cfg.enc_width, C)
+        self.ctrl_proj = nn.Linear(cfg.enc_width, D)
         self.adapters = nn.ModuleList(AdapterBlock(cfg) for _ in range(cfg.num_adapters))
-        self.shared_ffn = FFN(C, round(C * cfg.ffn_ratio))
-        self.gates = nn.Parameter(torch.zeros(cfg.num_adapters, C))
+        self.shared_ffn = FFN(D, round(D * cfg.ffn_ratio))
+        self.gates: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_adapters, cfg.embed_dim))
         self._slot = {p: j for j, p in enumerate(cfg.positions)}
 
     def control_tokens(self, ctrl_B3HW: torch.Tensor, keep_B: torch.Tensor | None = None,
                        num_scales: int | None = None) -> torch.Tensor:
-        """Control tokens of every scale (or the first ``num_scales``), (B, L, C).
+        """Control tokens of every scale (or the first ``num_scales``), (B, L, D).
 
         Rows with ``keep_B == 0`` get none (control dropout).
         """
         f_BWhw = self.encoder(ctrl_B3HW)
         patch_nums = self.config.patch_nums[:num_scales]
         per_scale = [resample.area(f_BWhw, pn).flatten(2).transpose(1, 2) for pn in patch_nums]
-        ctrl_BLC = self.ctrl_proj(torch.cat(per_scale, dim=1))
+        ctrl_BLD = self.ctrl_proj(torch.cat(per_scale, dim=1))
         if keep_B is not None:
-            ctrl_BLC = ctrl_BLC * keep_B.view(-1, 1, 1).to(ctrl_BLC.dtype)
-        return ctrl_BLC
+            ctrl_BLD = ctrl_BLD * keep_B.view(-1, 1, 1).to(ctrl_BLD.dtype)
+        return ctrl_BLD
 
-    def adapt(self, j: int, h_BlC: torch.Tensor, ctrl_BlC: torch.Tensor, attn_bias: torch.Tensor | None = None,
+    def adapt(self, j: int, h_BlC: torch.Tensor, ctrl_BlD: torch.Tensor, attn_bias: torch.Tensor | None = None,
               cache: KVCache | None = None) -> torch.Tensor:
-        """Adapter j's contribution added to the hidden state."""
-        x_BlC = self.adapters[j](h_BlC, ctrl_BlC, attn_bias, cache, j)
-        return h_BlC + self.shared_ffn(self.adapters[j].ln2(x_BlC)) * self.gates[j]
+        """Adapter j's contribution added to the hidden state (gates folded into ``up`` at export: None)."""
+        adapter = self.adapters[j]
+        out_BlC = adapter.up(self.shared_ffn(adapter.ln2(adapter(h_BlC, ctrl_BlD, attn_bias, cache, j))))
+        return h_BlC + (out_BlC if self.gates is None else out_BlC * self.gates[j])
 
-    def injector(self, ctrl_BlC: torch.Tensor, attn_bias: torch.Tensor | None = None,
+    def injector(self, ctrl_BlD: torch.Tensor, attn_bias: torch.Tensor | None = None,
                  cache: KVCache | None = None) -> Injector:
         """A callback for ``VAR.run_blocks``: after block i, run the adapter placed there (if any)."""
 
         def inject(i: int, h_BlC: torch.Tensor) -> torch.Tensor:
             j = self._slot.get(i)
-            return h_BlC if j is None else self.adapt(j, h_BlC, ctrl_BlC, attn_bias, cache)
+            return h_BlC if j is None else self.adapt(j, h_BlC, ctrl_BlD, attn_bias, cache)
 
         return inject
 
@@ -180,15 +198,15 @@ class ECM(nn.Module):
         """The adapters' own KV cache for ``batch`` rows over all L positions."""
         cfg = self.config
         L = self.begin_ends[-1][1]
-        return KVCache(cfg.num_adapters, batch, cfg.num_heads, L, cfg.embed_dim // cfg.num_heads,
-                       self.gates.device, dtype)
+        return KVCache(cfg.num_adapters, batch, cfg.heads, L, cfg.width // cfg.heads, self.ctrl_proj.weight.device,
+                       dtype)
 
     def start(self, ctrl_B3HW: torch.Tensor, cfg_rows: bool = True) -> ControlState:
         """Per-image state for generation; with CFG the unconditional rows get no control."""
-        ctrl_BLC = self.control_tokens(ctrl_B3HW)
+        ctrl_BLD = self.control_tokens(ctrl_B3HW)
         if cfg_rows:
-            ctrl_BLC = torch.cat((ctrl_BLC, torch.zeros_like(ctrl_BLC)))
-        return ControlState(self, ctrl_BLC, self.new_cache(ctrl_BLC.shape[0]))
+            ctrl_BLD = torch.cat((ctrl_BLD, torch.zeros_like(ctrl_BLD)))
+        return ControlState(self, ctrl_BLD, self.new_cache(ctrl_BLD.shape[0]))
 
     def check_backbone(self, backbone: VARConfig) -> None:
         """Refuse a backbone of another shape than the one these adapters were trained on."""
@@ -205,13 +223,13 @@ class ControlState:
     """The control of one generation: tokens of all scales and the adapters' KV cache."""
 
     ecm: ECM
-    ctrl_BLC: torch.Tensor
+    ctrl_BLD: torch.Tensor
     cache: KVCache
 
     def injector(self, si: int) -> Injector:
         """The adapters' callback for scale si (its control tokens, the shared cache)."""
         b, e = self.ecm.begin_ends[si]
-        return self.ecm.injector(self.ctrl_BLC[:, b:e], None, self.cache)
+        return self.ecm.injector(self.ctrl_BLD[:, b:e], None, self.cache)
 
     def advance(self, num_tokens: int) -> None:
         """Mark the scale's tokens as cached, after the step ran."""

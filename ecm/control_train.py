@@ -79,14 +79,19 @@ class ECMTask(nn.Module):
         with torch.no_grad():
             x_BLCv = quant.idxBl_to_var_input(quant.split(tokens_BL), num_scales=K)
         keep_B = torch.from_numpy(rng.random(label.shape[0]) >= self.control_drop).to(label.device)
-        ctrl_BLC = self.ecm.control_tokens(ctrl, keep_B, num_scales=K)
-        logits = var(label, x_BLCv, self.ecm, ctrl_BLC, num_scales=K)
+        ctrl_BLD = self.ecm.control_tokens(ctrl, keep_B, num_scales=K)
+        logits = var(label, x_BLCv, self.ecm, ctrl_BLD, num_scales=K)
         return cross_entropy(logits, tokens_BL[:, :ed]), label.shape[0] * ed
+
+
+#: Version of the adapter architecture in checkpoints: 2 = bottleneck adapters (width D, own heads).
+ECM_FORMAT = "2"
 
 
 def save_ecm(ecm: ECM, path: Path, backbone_hash: str, control: str, step: int, extra: dict | None = None) -> None:
     """Adapter-only checkpoint: weights, config, control type and the backbone's hash."""
-    meta = {"ecm_kind": "ecm", "config": json.dumps(config_to_dict(ecm.config)), "backbone_hash": backbone_hash,
+    meta = {"ecm_kind": "ecm", "ecm_format": ECM_FORMAT, "config": json.dumps(config_to_dict(ecm.config)),
+            "backbone_hash": backbone_hash,
             "control": control, "step": str(step), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     save_safetensors(ecm.state_dict(), path, meta)
 
@@ -97,6 +102,9 @@ def load_ecm(path: str | Path, var: VAR | None = None) -> tuple[ECM, dict[str, s
     if meta.get("ecm_kind") != "ecm":
         raise CheckpointError(f"{path} is not an ECM adapter checkpoint (it holds "
                               f"{meta.get('ecm_kind', 'a plain state dict')}); pass the file ecm-train wrote")
+    if meta.get("ecm_format") != ECM_FORMAT:
+        raise CheckpointError(f"{path} holds adapters of an earlier ecm (format {meta.get('ecm_format', '1')}, "
+                              f"full-width adapters); this version reads format {ECM_FORMAT}: retrain with ecm-train")
     ecm = ECM(config_from_meta(meta, "ecm", ECMConfig))
     try:
         ecm.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

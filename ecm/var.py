@@ -254,7 +254,7 @@ class VAR(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, ecm: ECM | None = None,
-                ctrl_BLC: torch.Tensor | None = None, num_scales: int | None = None) -> torch.Tensor:
+                ctrl_BLD: torch.Tensor | None = None, num_scales: int | None = None) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) for all scales at once.
 
         As in the official code, labels are replaced by the unconditional class with probability
@@ -271,7 +271,7 @@ class VAR(nn.Module):
         rest_BLC = self.word_embed(x_BLCv) + self.lvl_pos()[:, self.first_l:ed]
         x_BLC = torch.cat((self.first_token_map(cond_BD), rest_BLC), dim=1)
         attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
-        inject = ecm.injector(ctrl_BLC[:, :ed], attn_bias) if ecm is not None else None
+        inject = ecm.injector(ctrl_BLD[:, :ed], attn_bias) if ecm is not None else None
         x_BLC = self.run_blocks(x_BLC, cond_BD, attn_bias, inject=inject)
         return self.logits(x_BLC, cond_BD)
 

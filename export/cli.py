@@ -94,8 +94,8 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
                          static_scales=static_scales, sources={k: sha256(p) for k, p in sources.items()})
     result = export_model(var, ecm, out, opts, progress=click.echo)
     graphs = ", ".join(result.manifest.graphs.values())
-    click.echo(f"wrote {out.resolve()}: var_ecm.json, {graphs}, {len(result.files) - 1 - len(result.manifest.graphs)} "
-               "verification and golden files")
+    click.echo(f"wrote {out.resolve()}: var_ecm.json, {graphs} (weights in *.onnx.data), var_ecm.verify.json, "
+               "golden/")
     reason = missing_tensorrt()
     if no_build:
         return

@@ -9,7 +9,8 @@ LayerNorm affine parameters go into the linear layer that follows, where that is
 normalisation and the graph loses a multiply and an add per norm. Applied to every norm that
 feeds exactly one linear layer: the ECM adapters' attention input and the control encoder. The
 adapters' second norm feeds the FFN they share (folding would copy it per adapter), and the
-backbone's norms are modulated per class (AdaLN), so those stay as they are.
+backbone's norms are modulated per class (AdaLN), so those stay as they are. Each adapter's
+gate goes into its own up-projection.
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ def _plain(norm: nn.LayerNorm) -> nn.LayerNorm:
 @torch.no_grad()
 def fold_ecm_norms(ecm: ECM) -> ECM:
     """Fold every foldable LayerNorm of ``ecm`` in place; returns ``ecm``."""
-    C = ecm.config.embed_dim
-    for adapter in ecm.adapters:
+    D = ecm.config.width
+    for j, adapter in enumerate(ecm.adapters):
         attn = adapter.attn
         shift = _fold(adapter.ln1, attn.mat_qkv.weight)
-        attn.q_bias += shift[:C]
-        attn.zero_k_bias.copy_(shift[C:2 * C])  # k gets a bias now; the name is the official one
-        attn.v_bias += shift[2 * C:]
+        attn.q_bias += shift[:D]
+        attn.zero_k_bias.copy_(shift[D:2 * D])  # k gets a bias now; the name is the official one
+        attn.v_bias += shift[2 * D:]
         adapter.ln1 = _plain(adapter.ln1)
+        adapter.up.weight.mul_(ecm.gates[j].unsqueeze(1))  # the gate scales this adapter's own up-projection
+        adapter.up.bias.mul_(ecm.gates[j])
+    ecm.gates = None
     for block in ecm.encoder.blocks:
         block.qkv.bias += _fold(block.ln1, block.qkv.weight)
         block.mlp.fc1.bias += _fold(block.ln2, block.mlp.fc1.weight)

@@ -34,22 +34,17 @@ class StackedCache:
     dtype (fp16 in reduced-precision exports) and attended to in fp32.
     """
 
-    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor, offset: int = 0,
-                 new: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None):
-        self.past_k, self.past_v, self.offset = past_k, past_v, offset
-        self.new_k, self.new_v = new if new is not None else ({}, {})
-
-    def layers(self, offset: int) -> StackedCache:
-        """A view whose layer 0 is layer ``offset`` of this cache (the adapters follow the blocks)."""
-        return StackedCache(self.past_k, self.past_v, offset, (self.new_k, self.new_v))
+    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor):
+        self.past_k, self.past_v = past_k, past_v
+        self.new_k: dict[int, torch.Tensor] = {}
+        self.new_v: dict[int, torch.Tensor] = {}
 
     def update(self, layer: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.offset + layer
         out = []
         for past, new, store in ((self.past_k, k_BHlc, self.new_k), (self.past_v, v_BHlc, self.new_v)):
-            store[n] = new.to(past.dtype)
-            past_BHbc = past[:, n].permute(1, 2, 0, 3)
-            out.append(torch.cat((past_BHbc, store[n]), dim=2).float())
+            store[layer] = new.to(past.dtype)
+            past_BHbc = past[:, layer].permute(1, 2, 0, 3)
+            out.append(torch.cat((past_BHbc, store[layer]), dim=2).float())
         return out[0], out[1]
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +66,8 @@ class StepGraph(nn.Module):
     def forward(self, label: torch.Tensor, x_in: torch.Tensor, f_hat: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, u: torch.Tensor, up: torch.Tensor, down: torch.Tensor, phi: torch.Tensor,
                 first: torch.Tensor, cfg: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                top_p: torch.Tensor, ctrl: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                top_p: torch.Tensor, ctrl: torch.Tensor | None = None, past_ak: torch.Tensor | None = None,
+                past_av: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         var = self.var
         b, pn = past_k.shape[0], x_in.shape[-1]
         label_2B = torch.cat((label, torch.full_like(label, var.num_classes)))
@@ -85,11 +81,12 @@ class StepGraph(nn.Module):
         x_2BlC = x_2BlC + var.lvl_pos()[:, b:b + pn * pn]
 
         cache = StackedCache(past_k, past_v)
-        inject = None
+        inject = adapter_cache = None
         if self.ecm is not None:
-            ctrl_BlC = ctrl.flatten(0, 1).transpose(0, 1)
-            ctrl_2BlC = torch.cat((ctrl_BlC, torch.zeros_like(ctrl_BlC)))  # CFG's unconditional rows: no control
-            inject = self.ecm.injector(ctrl_2BlC, None, cache.layers(var.config.depth))
+            ctrl_BlD = ctrl.flatten(0, 1).transpose(0, 1)
+            ctrl_2BlD = torch.cat((ctrl_BlD, torch.zeros_like(ctrl_BlD)))  # CFG's unconditional rows: no control
+            adapter_cache = StackedCache(past_ak, past_av)
+            inject = self.ecm.injector(ctrl_2BlD, None, adapter_cache)
         logits_2BlV = var.logits(var.run_blocks(x_2BlC, modulate, None, cache, inject), modulate)
 
         idx_Bl = sample_tokens(logits_2BlV, u.flatten(1), cfg_t=cfg, temperature=temperature, top_k=top_k,
@@ -98,12 +95,12 @@ class StepGraph(nn.Module):
         phis = self.quant.quant_resi.qresi_ls
         f_hat_out = f_hat + sum(phi[i] * phis[i](up_BChw) for i in range(len(phis)))
         x_next = resample.separable(down, f_hat_out)
-        new_k, new_v = cache.outputs()
-        return logits_2BlV, idx_Bl, f_hat_out, x_next, new_k, new_v
+        outputs = (logits_2BlV, idx_Bl, f_hat_out, x_next, *cache.outputs())
+        return outputs if adapter_cache is None else (*outputs, *adapter_cache.outputs())
 
 
 class ControlGraph(nn.Module):
-    """uint8 condition (B, R, R, 3) -> control tokens of every scale, sequence first (L, B, C)."""
+    """uint8 condition (B, R, R, 3) -> control tokens of every scale, sequence first (L, B, D)."""
 
     def __init__(self, ecm: ECM):
         super().__init__()

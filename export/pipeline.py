@@ -51,7 +51,6 @@ from ecm.adapters import ECM
 from ecm.sampling import candidate_count
 from ecm.var import VAR
 
-STEP_OUTPUTS = ["logits", "tokens", "f_hat_out", "x_next", "new_k", "new_v"]
 VERIFY_NAME = "var_ecm.verify.json"
 VERIFY_BATCH = 4  # images compared with the eager model in every export
 Progress = Callable[[str], None]
@@ -116,11 +115,19 @@ def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions) -> Manifest:
     return Manifest(
         precision=opts.precision, patch_nums=tuple(cfg.patch_nums), vocab_size=V, num_classes=cfg.num_classes,
         image_size=vcfg.resolution, latent_channels=vcfg.z_channels, embed_dim=cfg.embed_dim,
-        num_heads=cfg.num_heads, cache_layers=cfg.depth + (ecm.config.num_adapters if ecm is not None else 0),
+        num_heads=cfg.num_heads, cache_layers=cfg.depth, **adapter_facts(ecm),
         num_phi=vcfg.share_quant_resi, batch=opts.batch, candidates=candidates, cfg=DEFAULT_CFG,
         top_k=min(DEFAULT_TOP_K, candidates), top_p=DEFAULT_TOP_P,
         temperature=DEFAULT_ECM_TEMPERATURE if ecm is not None else DEFAULT_TEMPERATURE, control=control,
         graphs=graphs, sources=dict(opts.sources), opset=opts.opset, ecm_version=version)
+
+
+def adapter_facts(ecm: ECM | None) -> dict[str, int]:
+    """The manifest's adapter fields: their cache layers, width and heads (zeros without adapters)."""
+    if ecm is None:
+        return {"adapter_layers": 0, "adapter_dim": 0, "adapter_heads": 0}
+    e = ecm.config
+    return {"adapter_layers": e.num_adapters, "adapter_dim": e.width, "adapter_heads": e.heads}
 
 
 def deployable(var: VAR, ecm: ECM | None, precision: str) -> tuple[StepGraph, nn.Module | None, nn.Module]:
@@ -162,16 +169,14 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
         example_si = min(2, m.num_scales - 2)
         specs = step_specs(m, example_si, batch=2)
         inputs = example_inputs(specs)
-        for kv in ("past_k", "past_v"):
-            inputs[kv] = inputs[kv].to(kv_dtype)
-        export_graph(step, inputs, STEP_OUTPUTS, tmp / m.graphs["step"], opts.opset, STEP_DYNAMIC)
+        cast_cache(inputs, kv_dtype)
+        outputs = list(m.step_outputs(example_si))
+        export_graph(step, inputs, outputs, tmp / m.graphs["step"], opts.opset, STEP_DYNAMIC)
         if opts.static_scales:
             for si in range(m.num_scales):
                 progress(f"exporting the static step graph of scale {si} ...")
-                inputs = example_inputs(step_specs(m, si))
-                for kv in ("past_k", "past_v"):
-                    inputs[kv] = inputs[kv].to(kv_dtype)
-                export_graph(step, inputs, STEP_OUTPUTS, tmp / m.graphs[f"step_s{si}"], opts.opset, None)
+                inputs = cast_cache(example_inputs(step_specs(m, si)), kv_dtype)
+                export_graph(step, inputs, outputs, tmp / m.graphs[f"step_s{si}"], opts.opset, None)
         if control is not None:
             progress("exporting the control encoder ...")
             export_graph(control, example_inputs(m.control_inputs(batch=2)), list(m.control_outputs()),
@@ -198,6 +203,14 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out_dir, Manifest.load(out_dir), files, report)
+
+
+def cast_cache(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Example K/V inputs in the cache's dtype (fp16 in reduced precision)."""
+    for name in ("past_k", "past_v", "past_ak", "past_av"):
+        if name in inputs:
+            inputs[name] = inputs[name].to(dtype)
+    return inputs
 
 
 def _commit(tmp: Path, out_dir: Path) -> list[Path]:

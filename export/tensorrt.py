@@ -10,11 +10,11 @@ rebuilds fast. Plans must be built on the GPU that runs them.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ecm.runtime.device import device_name
 from ecm.runtime.errors import ECMError
 from ecm.runtime.files import atomic_path
 from ecm.runtime.manifest import Manifest, TensorSpec
@@ -27,19 +27,14 @@ def plan_name(onnx_name: str) -> str:
 
 
 def missing_tensorrt() -> str | None:
-    """Why plans cannot be built here (no TensorRT, no polygraphy, no GPU), or None if they can."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed"
-    if importlib.util.find_spec("polygraphy") is None:
-        return "polygraphy is not installed"
+    """Why plans cannot be built here (no TensorRT, polygraphy or GPU), or None if they can."""
+    for module, what in (("tensorrt", "TensorRT"), ("polygraphy", "polygraphy"), ("cuda", "cuda-python")):
+        if importlib.util.find_spec(module) is None:
+            return f"{what} is not installed"
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible"
-    except ImportError:
-        if shutil.which("nvidia-smi") is None:
-            return "no CUDA GPU is visible"
+        device_name()
+    except ECMError:
+        return "no CUDA GPU is visible"
     return None
 
 
@@ -65,7 +60,6 @@ def build_plans(folder: str | Path, progress: Callable[[str], None] = print) -> 
         raise ECMError(f"cannot build TensorRT plans here: {reason}; run `{build_command(Path(folder))}` "
                        "on the target GPU with `pip install 'ecm[gpu]'`")
     import tensorrt as trt
-    import torch
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_from_network, save_engine
 
     folder = Path(folder)
@@ -88,9 +82,8 @@ def build_plans(folder: str | Path, progress: Callable[[str], None] = print) -> 
         with atomic_path(folder / plan_name(onnx_name)) as tmp:
             save_engine(engine, str(tmp))
         plans[role] = plan_name(onnx_name)
-    major, minor = torch.cuda.get_device_capability()
-    m.tensorrt = {"version": trt.__version__, "compute_capability": f"{major}.{minor}",
-                  "device": torch.cuda.get_device_name(), "plans": plans,
+    gpu, capability = device_name()
+    m.tensorrt = {"version": trt.__version__, "compute_capability": capability, "device": gpu, "plans": plans,
                   "built": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     m.save(folder)
     return m

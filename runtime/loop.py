@@ -138,11 +138,14 @@ class ScaleLoop:
         L, Cv, HW, V = total_tokens(m.patch_nums), m.latent_channels, m.latent_size, m.vocab_size
         alloc = backend.alloc
         self.cache_k, self.cache_v = alloc(m.kv_shape(L, B), m.kv_dtype), alloc(m.kv_shape(L, B), m.kv_dtype)
+        if m.control is not None:
+            self.cache_ak = alloc(m.adapter_kv_shape(L, B), m.kv_dtype)
+            self.cache_av = alloc(m.adapter_kv_shape(L, B), m.kv_dtype)
         self.f_hat = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]  # ping-pong: in, out
         self.x = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]
         self.logits = alloc((2 * B, HW * HW, V), "float32")
         self.tokens = alloc((B, HW * HW), "int64")
-        self.ctrl = alloc((L, B, m.embed_dim), "float32") if m.control is not None else None
+        self.ctrl = alloc((L, B, m.adapter_dim), "float32") if m.control is not None else None
         self.image = alloc((B, m.image_size, m.image_size, 3), "uint8")
         self._constants: dict[Sampling, list[dict[str, Any]]] = {}
 
@@ -197,6 +200,8 @@ class ScaleLoop:
                    "tokens": view(self.tokens, (B, pn * pn)), "f_hat_out": self.f_hat[nxt],
                    "x_next": view(self.x[nxt], (B, Cv, pn_next, pn_next)),
                    "new_k": rows(self.cache_k, b, e), "new_v": rows(self.cache_v, b, e)}
+            if self.ctrl is not None:
+                out.update(new_ak=rows(self.cache_ak, b, e), new_av=rows(self.cache_av, b, e))
             with clock(f"scale {si} ({pn}x{pn})"):
                 be.run("step", feeds, out, profile=si)
             if record:
@@ -219,7 +224,8 @@ class ScaleLoop:
         feeds = {"label": labels, "x_in": x_in, "f_hat": f_hat, "past_k": rows(self.cache_k, 0, b),
                  "past_v": rows(self.cache_v, 0, b), "u": u_Bpp, **self.constants(sampling)[si]}
         if self.ctrl is not None:
-            feeds["ctrl"] = view(rows(self.ctrl, b, e), (pn, pn, B, m.embed_dim))
+            feeds.update(ctrl=view(rows(self.ctrl, b, e), (pn, pn, B, m.adapter_dim)),
+                         past_ak=rows(self.cache_ak, 0, b), past_av=rows(self.cache_av, 0, b))
         return feeds
 
     def _decode(self, f_hat: Any) -> np.ndarray:

@@ -8,6 +8,7 @@ profiles, the runtime's buffers and the shapes recorded in the file come from on
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from .errors import ECMError
 from .files import write_json
 from .scales import begin_ends, phi_table, total_tokens
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "var_ecm.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -50,7 +51,7 @@ class Manifest:
     latent_channels: int
     embed_dim: int
     num_heads: int
-    cache_layers: int  # backbone blocks + ECM adapters, all in one KV cache
+    cache_layers: int  # backbone blocks: layers of the backbone's KV cache
     num_phi: int
     batch: int  # images per run that the per-scale profiles are built for
     candidates: int  # tokens the step graph sorts; the largest top-k a run may ask for
@@ -61,6 +62,9 @@ class Manifest:
     control: ControlSpec | None
     graphs: dict[str, str]  # role ('step', 'control', 'decoder') -> file name; 'step_s<k>' for static variants
     sources: dict[str, str] = field(default_factory=dict)  # checkpoint role -> sha256
+    adapter_layers: int = 0  # ECM adapters: layers of their own KV cache (0 without control)
+    adapter_dim: int = 0  # the adapters' width, that of the control tokens
+    adapter_heads: int = 0
     opset: int = 21
     tensorrt: dict[str, Any] | None = None  # version, compute capability and plan files, once built
     ecm_version: str = ""
@@ -93,6 +97,11 @@ class Manifest:
         B = self.batch if batch is None else batch
         return (tokens, self.cache_layers, 2 * B, self.num_heads, self.head_dim)
 
+    def adapter_kv_shape(self, tokens: int, batch: int | None = None) -> tuple[int, ...]:
+        """The adapters' cache, laid out like the backbone's."""
+        B = self.batch if batch is None else batch
+        return (tokens, self.adapter_layers, 2 * B, self.adapter_heads, self.adapter_dim // max(self.adapter_heads, 1))
+
     def step_inputs(self, si: int, batch: int | None = None) -> dict[str, TensorSpec]:
         """Inputs of the step graph at scale ``si``: name -> (shape, dtype)."""
         B = self.batch if batch is None else batch
@@ -116,7 +125,9 @@ class Manifest:
             "top_p": ((1,), "float32"),
         }
         if self.control is not None:
-            specs["ctrl"] = ((pn, pn, B, self.embed_dim), "float32")
+            specs["ctrl"] = ((pn, pn, B, self.adapter_dim), "float32")
+            specs["past_ak"] = (self.adapter_kv_shape(past, B), self.kv_dtype)
+            specs["past_av"] = (self.adapter_kv_shape(past, B), self.kv_dtype)
         return specs
 
     def step_outputs(self, si: int, batch: int | None = None) -> dict[str, TensorSpec]:
@@ -124,7 +135,7 @@ class Manifest:
         B = self.batch if batch is None else batch
         pn, HW, Cv = self.patch_nums[si], self.latent_size, self.latent_channels
         nxt = self.patch_nums[si + 1] if si + 1 < self.num_scales else HW
-        return {
+        specs: dict[str, TensorSpec] = {
             "logits": ((2 * B, pn * pn, self.vocab_size), "float32"),
             "tokens": ((B, pn * pn), "int64"),
             "f_hat_out": ((B, Cv, HW, HW), "float32"),
@@ -132,6 +143,10 @@ class Manifest:
             "new_k": (self.kv_shape(pn * pn, B), self.kv_dtype),
             "new_v": (self.kv_shape(pn * pn, B), self.kv_dtype),
         }
+        if self.control is not None:
+            specs["new_ak"] = (self.adapter_kv_shape(pn * pn, B), self.kv_dtype)
+            specs["new_av"] = (self.adapter_kv_shape(pn * pn, B), self.kv_dtype)
+        return specs
 
     def control_inputs(self, batch: int | None = None) -> dict[str, TensorSpec]:
         B = self.batch if batch is None else batch
@@ -140,7 +155,7 @@ class Manifest:
 
     def control_outputs(self, batch: int | None = None) -> dict[str, TensorSpec]:
         B = self.batch if batch is None else batch
-        return {"ctrl_tokens": ((total_tokens(self.patch_nums), B, self.embed_dim), "float32")}
+        return {"ctrl_tokens": ((total_tokens(self.patch_nums), B, self.adapter_dim), "float32")}
 
     def decoder_inputs(self, batch: int | None = None) -> dict[str, TensorSpec]:
         B = self.batch if batch is None else batch
@@ -152,11 +167,10 @@ class Manifest:
         return {"image": ((B, self.image_size, self.image_size, 3), "uint8")}
 
     def kv_cache_bytes(self, batch: int | None = None) -> int:
-        """Bytes of the K and V caches over all L tokens."""
-        n = 1
-        for d in self.kv_shape(total_tokens(self.patch_nums), batch):
-            n *= d
-        return 2 * n * (2 if self.kv_dtype == "float16" else 4)
+        """Bytes of the K and V caches (backbone and adapters) over all L tokens."""
+        L = total_tokens(self.patch_nums)
+        shapes = [self.kv_shape(L, batch)] + ([self.adapter_kv_shape(L, batch)] if self.control is not None else [])
+        return 2 * sum(math.prod(shape) for shape in shapes) * (2 if self.kv_dtype == "float16" else 4)
 
     # ------------------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
@@ -181,7 +195,8 @@ class Manifest:
             raise ManifestError(f"{where} has schema version {version}, this ecm reads version {SCHEMA_VERSION}; "
                                 "re-export with this version's ecm-export")
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names if n not in d and n not in {"sources", "opset", "tensorrt", "ecm_version"})
+        optional = {"sources", "opset", "tensorrt", "ecm_version", "adapter_layers", "adapter_dim", "adapter_heads"}
+        missing = sorted(n for n in names if n not in d and n not in optional)
         if missing:
             raise ManifestError(f"{where} lacks {', '.join(missing)}; re-export with ecm-export")
         kw = {k: v for k, v in d.items() if k in names}

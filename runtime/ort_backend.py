@@ -25,7 +25,7 @@ class OrtBackend:
     name = "ONNX Runtime"
 
     def __init__(self, folder: str | Path, manifest: Manifest | None = None, device: str = "cpu", threads: int = 0,
-                 config: dict[str, str] | None = None, arena: bool = False):
+                 config: dict[str, str] | None = None, arena: bool = False, level: str = "ORT_ENABLE_ALL"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -40,6 +40,7 @@ class OrtBackend:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         opts.log_severity_level = 3
         # Idle worker threads spinning for work cost more than they save between the many small ops of
         # a scale (measured: 1.9x slower on two shared cores); let them sleep.

@@ -50,7 +50,8 @@ class TrtBackend:
         self.logger = trt.Logger(trt.Logger.ERROR)
         self.runtime = trt.Runtime(self.logger)
         self.engines, self.contexts, self.inputs = {}, {}, {}
-        for role, plan in m.tensorrt["plans"].items():
+        plans = {role: plan for role, plan in m.tensorrt["plans"].items() if role in ("step", "control", "decoder")}
+        for role, plan in plans.items():
             path = self.folder / plan
             if not path.is_file():
                 raise ECMError(f"{path} is missing; {_rebuild_hint(self.folder)}")

@@ -164,3 +164,24 @@ def test_tensorrt_backend_matches_onnx_runtime(fp32_export, edge_png, tmp_path):
     code, out = invoke(["--engine", folder / "var_ecm.onnx", "--cond", edge_png, "--out", tmp_path / "ort.png"])
     a, b = (np.asarray(Image.open(tmp_path / f"{k}.png")).astype(int) for k in ("trt", "ort"))
     assert np.abs(a - b).mean() < 8  # fp32 plans: same tokens except rare near-ties
+
+
+@pytest.mark.slow
+def test_the_three_commands_of_the_workflow(tmp_path, monkeypatch):
+    """In an empty folder: ecm-train --control canny, ecm-export --precision fp16, ecm-run (minutes)."""
+    from ecm.export.cli import main as export
+    from ecm.runtime.images import canny_edges
+
+    from ecm.cli import train
+    from ecm.data import ProceduralShapes
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(canny_edges(ProceduralShapes(size=1, resolution=64, seed=1000)[0][0])).save("edge.png")
+    outputs = []
+    for cmd, args in [(train, ["--control", "canny"]), (export, ["--precision", "fp16"]),
+                      (run_cli, ["--engine", "var_ecm.onnx", "--cond", "edge.png"])]:
+        result = CliRunner().invoke(cmd, args)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    assert "latest ecm-train result" in outputs[1] and "wrote ecm_run.png" in outputs[2]
+    assert np.asarray(Image.open("ecm_run.png")).shape == (64, 64, 3)
