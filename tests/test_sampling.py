@@ -81,3 +81,9 @@ def test_uniforms_are_in_the_half_open_unit_interval_and_seeded():
     assert [x.shape for x in a] == [(2, 1), (2, 4), (2, 9)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert all((x > 0).all() and (x <= 1).all() and x.dtype == np.float32 for x in a)
+
+
+def test_an_image_depends_on_its_seed_only():
+    batch = draw_uniforms(3, 4, (1, 2, 3))
+    alone = draw_uniforms(5, 1, (1, 2, 3))
+    assert all(np.array_equal(b[2], a[0]) for b, a in zip(batch, alone))
