@@ -8,7 +8,6 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 import torch.nn as nn
@@ -105,7 +104,3 @@ def step_specs(m: Manifest, si: int, batch: int | None = None) -> dict[str, Tens
     order = ["label", "x_in", "f_hat", "past_k", "past_v", "u", "up", "down", "phi", "first", "cfg",
              "temperature", "top_k", "top_p", "ctrl", "past_ak", "past_av"]
     return {k: specs[k] for k in order if k in specs}
-
-
-def as_numpy(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in inputs.items()}
