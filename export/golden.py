@@ -68,7 +68,7 @@ def _readme(m: Manifest, names: list[str], feeds: dict[str, Arrays]) -> str:
              f"{m.batch}. To check a TensorRT build of the same ONNX on the target GPU:", ""]
     for name in names:
         role = "step" if name.startswith("step") else name
-        shapes = " ".join(f"{k}:{list(v.shape)}" for k, v in feeds[name].items())
+        shapes = " ".join(f"{k}:[{','.join(map(str, v.shape))}]" for k, v in feeds[name].items())
         lines += ["```", f"polygraphy run {m.graphs[role]} --trt --onnxrt \\",
                   f"    --load-inputs golden/{name}.inputs.json --load-outputs golden/{name}.outputs.json \\",
                   f"    --trt-min-shapes {shapes} \\", f"    --trt-opt-shapes {shapes} \\",

@@ -72,7 +72,11 @@ def export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], output_name
                                         verbose=False)
         except Exception as e:  # the exporter raises many types; the message is what a user can act on
             raise ECMError(f"ONNX export of {path.name} failed: {str(e).splitlines()[0][:300]}") from None
-    program.save(str(path), external_data=True)
+    try:
+        program.save(str(path), external_data=True)
+    except OSError as e:
+        raise ECMError(f"cannot write {path}: {e.strerror or e}; free some disk space or choose another --out") \
+            from None
 
 
 @contextlib.contextmanager

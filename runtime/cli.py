@@ -35,8 +35,8 @@ def check_writable(path: Path) -> None:
 def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None) -> list[np.ndarray]:
     """Each ``--cond`` as the control graph's uint8 input; ``--control canny`` extracts edges from photos."""
     if m.control is None:
-        if paths:
-            raise ECMError("this engine has no control adapters (exported with --no-ecm); drop --cond")
+        if paths or control:
+            raise ECMError("this engine has no control adapters (exported with --no-ecm); drop --cond / --control")
         return [None]
     if not paths:
         raise ECMError(f"this engine follows {m.control.type!r} conditions: pass --cond with a control map "
@@ -56,7 +56,8 @@ def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None) -
 @click.option("--control", default=None, help="Extract this control from --cond photos (canny).")
 @click.option("--class", "labels", multiple=True, type=int, default=(0,), show_default=True,
               help="Class label: one for all conditions, or one per --cond in the same order.")
-@click.option("--seed", default=0, show_default=True, help="Seed; image j of each condition uses seed + j.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed; image j of each condition uses seed + j.")
 @click.option("--temperature", default=None, help="Temperature schedule: T, A:B, A:B@k or linear:A:B. "
               "Default: the engine's (1.0:0.8 with adapters).")
 @click.option("--cfg", type=float, default=None, help="Classifier-free guidance weight. Default: the engine's.")

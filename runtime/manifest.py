@@ -200,12 +200,13 @@ class Manifest:
         if missing:
             raise ManifestError(f"{where} lacks {', '.join(missing)}; re-export with ecm-export")
         kw = {k: v for k, v in d.items() if k in names}
-        kw["patch_nums"] = tuple(kw["patch_nums"])
-        if kw["control"] is not None:
-            kw["control"] = ControlSpec(**kw["control"])
         try:
+            kw["patch_nums"] = tuple(kw["patch_nums"])
+            if kw["control"] is not None:
+                kw["control"] = ControlSpec(**kw["control"])
             m = cls(**kw)
-        except TypeError as e:
+            m.step_inputs(0)
+        except (TypeError, ValueError, KeyError, IndexError) as e:
             raise ManifestError(f"{where} is malformed ({e}); re-export with ecm-export") from None
         if m.precision not in PRECISIONS:
             raise ManifestError(f"{where} has unknown precision {m.precision!r}; re-export with ecm-export")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .device import DeviceArray
+from .device import DeviceArray, check, cudart
 from .errors import ECMError
 from .manifest import Manifest
 from .memory import return_freed_memory
@@ -65,6 +65,9 @@ class OrtBackend:
             except Exception as e:  # ORT raises its own types for corrupt or truncated files
                 raise ECMError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:200]}); "
                                "the file is damaged or from another export: re-export with ecm-export") from None
+            if self.sessions[role].get_providers()[0] != providers[0]:
+                raise ECMError(f"ONNX Runtime could not start {providers[0]} (CUDA libraries missing?); "
+                               "fix the CUDA installation or use --device cpu")
 
     # ------------------------------------------------------------------------------ buffers
     def alloc(self, shape: tuple[int, ...], dtype: str) -> Any:
@@ -84,9 +87,11 @@ class OrtBackend:
     def run(self, role: str, feeds: dict[str, Any], out: dict[str, Any], profile: int = 0) -> None:
         sess = self.sessions[role]
         io = sess.io_binding()
+        alive = []  # host inputs must outlive the run: ONNX Runtime reads them in place
         for name, buf in feeds.items():
             if isinstance(buf, np.ndarray):
-                io.bind_cpu_input(name, np.ascontiguousarray(buf))
+                alive.append(np.ascontiguousarray(buf))
+                io.bind_cpu_input(name, alive[-1])
             else:
                 io.bind_input(name, "cuda", 0, buf.dtype, list(buf.shape), buf.ptr)
         for o in sess.get_outputs():
@@ -97,4 +102,9 @@ class OrtBackend:
                 io.bind_output(o.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
             else:
                 io.bind_output(o.name, "cuda", 0, buf.dtype, list(buf.shape), buf.ptr)
-        sess.run_with_iobinding(io)
+        if self.device == "cuda":  # uploads and zeroing ran on the default stream; ONNX Runtime uses its own
+            check(cudart().cudaDeviceSynchronize())
+        try:
+            sess.run_with_iobinding(io)
+        except Exception as e:  # ORT's own error types: out of memory, a shape the graph refuses, ...
+            raise ECMError(f"ONNX Runtime failed to run the {role} graph ({str(e).splitlines()[0][:200]})") from None

@@ -50,7 +50,10 @@ class TrtBackend:
         self.logger = trt.Logger(trt.Logger.ERROR)
         self.runtime = trt.Runtime(self.logger)
         self.engines, self.contexts, self.inputs = {}, {}, {}
-        plans = {role: plan for role, plan in m.tensorrt["plans"].items() if role in ("step", "control", "decoder")}
+        plans = {role: plan for role, plan in (m.tensorrt.get("plans") or {}).items()
+                 if role in ("step", "control", "decoder")}
+        if "step" not in plans:
+            raise ECMError(f"the manifest in {self.folder} lists no step plan; {_rebuild_hint(self.folder)}")
         for role, plan in plans.items():
             path = self.folder / plan
             if not path.is_file():
@@ -64,13 +67,16 @@ class TrtBackend:
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             self.inputs[role] = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
         self.profile = {role: -1 for role in self.contexts}
+        self.in_flight: list[DeviceArray] = []  # uploads the queued work may still read
 
     # ------------------------------------------------------------------------------ buffers
     def alloc(self, shape: tuple[int, ...], dtype: str) -> DeviceArray:
         return DeviceArray.empty(shape, dtype)
 
     def upload(self, arr: np.ndarray) -> DeviceArray:
-        return DeviceArray.from_host(arr)
+        buf = DeviceArray.from_host(arr)
+        self.in_flight.append(buf)
+        return buf
 
     def download(self, buf: DeviceArray) -> np.ndarray:
         self.synchronize()
@@ -78,6 +84,7 @@ class TrtBackend:
 
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.stream))
+        self.in_flight.clear()
 
     # ------------------------------------------------------------------------------ running
     def run(self, role: str, feeds: dict[str, Any], out: dict[str, Any], profile: int = 0) -> None:
@@ -87,10 +94,18 @@ class TrtBackend:
             self.profile[role] = profile
         for name, buf in feeds.items():
             if not isinstance(buf, DeviceArray):
-                buf = feeds[name] = self.upload(np.ascontiguousarray(buf))
-            ctx.set_input_shape(name, buf.shape)
-            ctx.set_tensor_address(name, buf.ptr)
+                buf = self.upload(np.ascontiguousarray(buf))
+            if not ctx.set_input_shape(name, buf.shape):
+                raise ECMError(f"input {name} of shape {buf.shape} is outside the {role} plan's profile {profile}; "
+                               "export and build for this batch size")
+            self._bind(ctx, name, buf)
         for name, buf in out.items():
-            ctx.set_tensor_address(name, buf.ptr)
+            self._bind(ctx, name, buf)
         if not ctx.execute_async_v3(self.stream):
             raise ECMError(f"TensorRT failed to run the {role} plan; {_rebuild_hint(self.folder)}")
+
+    @staticmethod
+    def _bind(ctx: Any, name: str, buf: DeviceArray) -> None:
+        if buf.ptr % 256 or not ctx.set_tensor_address(name, buf.ptr):  # TensorRT wants 256-byte alignment
+            raise ECMError(f"TensorRT refused the buffer of {name} (address {buf.ptr:#x}, shape {buf.shape}); "
+                           "this is a bug in ecm, please report it")

@@ -159,7 +159,9 @@ def test_manifest_refuses_other_versions_and_edits(fp32_export, tmp_path):
     d = json.loads((fp32_export.folder / MANIFEST_NAME).read_text())
     for change, message in [({"schema_version": 99}, "schema version 99"),
                             ({"patch_nums": [1, 2, 3]}, "recorded shapes"),
-                            ({"precision": "fp8"}, "precision")]:
+                            ({"precision": "fp8"}, "precision"),
+                            ({"patch_nums": 5}, "malformed"),
+                            ({"control": {"typo": 1}}, "malformed")]:
         (tmp_path / MANIFEST_NAME).write_text(json.dumps({**d, **change}))
         with pytest.raises(ManifestError, match=message):
             Manifest.load(tmp_path)

@@ -133,6 +133,7 @@ def test_plan_without_tensorrt(broken_copy, edge_png, tmp_path):
     (["--top-k", "-3"], "top-k -3"),
     (["--temperature", "hot"], "temperature"),
     (["--out", "/proc/forbidden/o.png"], "cannot write"),
+    (["--seed", "-1"], "-1 is not in the range"),
 ])
 def test_bad_arguments(fp32_export, edge_png, tmp_path, args, message):
     full = ["--engine", fp32_export.folder, "--cond", edge_png, "--out", tmp_path / "o.png", *args]
