@@ -4,7 +4,7 @@ For the embedded default model and a random-weight d16-proportioned model (width
 the ten official scales, 4096 codes; 4 blocks + 2 ECM adapters, so it runs on two CPU cores):
 
 * seconds per image, batch 1: ONNX Runtime on the CPU (fp32 export) vs eager ``VAR.generate``;
-  they alternate in rounds of about half a second each, and each figure is the best round of
+  they alternate in rounds of about a second each, and each figure is the best round of
   ``--repeats`` (shared machines are noisy);
 * the ECM overhead: the same runtime with and without the adapters (a backbone-only export);
 * peak memory of the runtime (peak RSS above a process that has imported NumPy and ONNX Runtime
@@ -49,7 +49,7 @@ from onnx import TensorProto, helper
 from ecm.runtime.loop import Sampling, ScaleLoop
 from ecm.runtime.manifest import Manifest
 from ecm.runtime.ort_backend import OrtBackend
-from ecm.runtime.memory import rss_mb, peak_rss_mb, weight_bytes
+from ecm.runtime.memory import rss_mb, rss_split_mb, peak_rss_mb, weight_bytes
 folder = sys.argv[1]
 m = Manifest.load(folder)
 before_env = rss_mb()
@@ -57,15 +57,17 @@ x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
 trivial = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
 ort.InferenceSession(trivial.SerializeToString(), providers=["CPUExecutionProvider"])  # ORT's one-time set-up
-base = rss_mb()
+base, (anon0, file0) = rss_mb(), rss_split_mb()
 loop = ScaleLoop(m, OrtBackend(folder, m), 1)
 cond = np.zeros((1, m.control.resolution, m.control.resolution, 3), np.uint8) if m.control else None
 after = []
 for i in range(20):
     loop.run(np.array([i % m.num_classes]), cond, Sampling.defaults(m), seed=i)
     after.append(rss_mb() - base)
+anon, file = rss_split_mb()
 print(json.dumps({"peak": peak_rss_mb() - base, "after": after, "weights": weight_bytes(folder) / 2**20,
-                  "kv": m.kv_cache_bytes(1) / 2**20, "ort_setup": base - before_env}))
+                  "kv": m.kv_cache_bytes(1) / 2**20, "ort_setup": base - before_env,
+                  "anon_after": anon - anon0, "file_after": file - file0}))
 """
 
 
@@ -113,7 +115,7 @@ def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:
     backbone = lambda: loop_bb.run(label, None, sb, seed=0)  # noqa: E731
     for fn in (eager, runtime, backbone):  # warm-up
         fn()
-    images = max(1, round(0.5 / per_image(runtime, 1)))  # about half a second per measurement
+    images = max(1, round(1.0 / per_image(runtime, 1)))  # about a second per measurement
     t = {"eager": [], "runtime": [], "backbone": []}
     click.echo(f"[{name}] timing, best of {repeats} alternating rounds of {images} image(s) ...")
     for _ in range(repeats):
@@ -127,7 +129,7 @@ def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:
 
 
 @click.command()
-@click.option("--repeats", default=7, show_default=True, help="Alternating timing rounds per model.")
+@click.option("--repeats", default=9, show_default=True, help="Alternating timing rounds per model.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON here.")
 def main(repeats: int, json_path: Path | None) -> None:
@@ -150,6 +152,10 @@ def main(repeats: int, json_path: Path | None) -> None:
                    f"{growth:+19.1f} MB")
         r.update(ratio=r["runtime"] / r["eager"], ecm_overhead=r["runtime"] / r["backbone"],
                  peak_ratio=mem["peak"] / budget, growth_mb=growth)
+    for r in rows:
+        mem = r["memory"]
+        click.echo(f"{r['model']}: after 20 images {mem['anon_after']:.0f} MB allocated + "
+                   f"{mem['file_after']:.0f} MB of mapped files (ONNX Runtime's code paged in) above set-up")
     setup = max(r["memory"]["ort_setup"] for r in rows)
     click.echo(f"targets: runtime/eager <= 0.8x, ECM overhead <= 1.15x, peak <= 1.5x weights + KV, no growth. "
                f"ONNX Runtime's one-time set-up ({setup:.0f} MB) is outside the peak. Absolute times vary between "

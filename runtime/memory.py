@@ -35,6 +35,11 @@ def rss_mb() -> float:
     return _status_mb("VmRSS")
 
 
+def rss_split_mb() -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory now, MiB: allocations vs mapped files such as library code."""
+    return _status_mb("RssAnon"), _status_mb("RssFile")
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (Linux)."""
     return _status_mb("VmHWM")
