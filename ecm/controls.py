@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ecm.runtime.errors import ECMError
-from ecm.runtime.images import IMAGE_SUFFIXES, canny_edges, preprocess
+from ecm.runtime.images import IMAGE_SUFFIXES, canny_edges, preprocess, to_rgb_map
 
 Extractor = Callable[[np.ndarray], np.ndarray]
 EXTRACTORS: dict[str, Extractor] = {}
@@ -106,7 +106,7 @@ class Control:
             out = canny_edges(img_HW3, self.canny_low, self.canny_high)
         else:
             out = EXTRACTORS[self.spec](img_HW3)
-        return np.repeat(out[..., None], 3, axis=2) if out.ndim == 2 else out
+        return to_rgb_map(out) if out.ndim == 2 else out
 
 
 def _names(names: list[str], n: int = 5) -> str:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ecm.adapters import ECM
 from ecm.controls import canny_edges
 from ecm.data import to_model_range
+from ecm.runtime.images import grid, save_png, to_rgb_map
+from ecm.runtime.images import zoom as zoom_image
 from ecm.var import VAR
 
 
@@ -70,7 +71,7 @@ def evaluate(var: VAR, ecm: ECM, images_NHW3: np.ndarray, labels_N: np.ndarray, 
     starts = range(0, len(labels_N), batch)
     for b in progress(starts) if progress else starts:
         img_u8, cond, label = images_NHW3[b:b + batch], conds[b:b + batch], labels_N[b:b + batch]
-        ctrl = to_model_range(np.repeat(cond[..., None], 3, axis=3))
+        ctrl = to_model_range(to_rgb_map(cond))
         kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed + b)
         with_ecm = to_uint8(var.generate(label, ecm=ecm, control_B3HW=ctrl, **kw).images)
         without = to_uint8(var.generate(label, **kw).images)
@@ -99,12 +100,13 @@ def evaluate_engine(folder: Path, images_NHW3: np.ndarray, labels_N: np.ndarray,
     backend = OrtBackend(folder, m)
     sampling = Sampling.defaults(m, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
     conds = np.stack([canny_edges(im) for im in images_NHW3])
-    scores = []
+    scores, loops = [], {}  # a loop's buffers serve every batch of its size
     starts = range(0, len(labels_N), batch)
     for b in progress(starts) if progress else starts:
         cond, label = conds[b:b + batch], labels_N[b:b + batch]
-        loop = ScaleLoop(m, backend, len(label))
-        out = loop.run(label, np.repeat(cond[..., None], 3, axis=3), sampling, seed=seed + b).images
+        if len(label) not in loops:
+            loops[len(label)] = ScaleLoop(m, backend, len(label))
+        out = loops[len(label)].run(label, to_rgb_map(cond), sampling, seed=seed + b).images
         scores += [edge_f1(canny_edges(img), c) for img, c in zip(out, cond)]
     return float(np.mean(scores))
 
@@ -121,10 +123,5 @@ def overlay(cond_HW: np.ndarray, img_HW3: np.ndarray) -> np.ndarray:
 
 def save_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, zoom: int = 3) -> None:
     """One row per example: condition | ECM | ECM edge overlay | backbone without control."""
-    from ecm.checkpoint import atomic_path
-
-    tiles = [np.concatenate([np.repeat(c[..., None], 3, 2), g, overlay(c, g), b], axis=1) for c, g, b in rows]
-    grid = np.concatenate(tiles, axis=0)
-    img = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    tiles = [[to_rgb_map(c), g, overlay(c, g), b] for c, g, b in rows]
+    save_png(zoom_image(grid(tiles, pad=0), zoom), path)

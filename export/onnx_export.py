@@ -12,7 +12,7 @@ import onnx
 import torch
 import torch.nn as nn
 from ecm.runtime.errors import ECMError
-from ecm.runtime.manifest import Manifest, TensorSpec
+from ecm.runtime.manifest import TensorSpec
 from torch.export import Dim
 
 #: Opsets the exporter accepts: 17 brings LayerNormalization; TensorRT 10.3 parses up to 20,
@@ -100,11 +100,3 @@ def onnx_io(path: Path) -> tuple[dict[str, list], dict[str, list]]:
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
     return {v.name: dims(v) for v in graph.input}, {v.name: dims(v) for v in graph.output}
-
-
-def step_specs(m: Manifest, si: int, batch: int | None = None) -> dict[str, TensorSpec]:
-    """The step inputs in the order of :meth:`StepGraph.forward` (the ONNX input order)."""
-    specs = m.step_inputs(si, batch)
-    order = ["label", "x_in", "f_hat", "past_k", "past_v", "u", "up", "down", "phi", "first", "cfg",
-             "temperature", "top_k", "top_p", "ctrl", "past_ak", "past_av"]
-    return {k: specs[k] for k in order if k in specs}

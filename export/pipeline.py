@@ -37,7 +37,6 @@ from ecm.export.onnx_export import (
     check_opset,
     example_inputs,
     export_graph,
-    step_specs,
 )
 from ecm.export.precision import cast_matmuls
 from ecm.export.tensorrt_ops import graph_problems
@@ -130,13 +129,14 @@ def adapter_facts(ecm: ECM | None) -> dict[str, int]:
     return {"adapter_layers": e.num_adapters, "adapter_dim": e.width, "adapter_heads": e.heads}
 
 
-def deployable(var: VAR, ecm: ECM | None, precision: str) -> tuple[StepGraph, nn.Module | None, nn.Module]:
+def deployable(var: VAR, ecm: ECM | None, precision: str,
+               candidates: int) -> tuple[StepGraph, nn.Module | None, nn.Module]:
     """Copies of the three networks as they are exported: norms folded, precision applied."""
     var = copy.deepcopy(var).eval().float()
     var.attach_vae(copy.deepcopy(var.vae).eval().float())
     fold_class_tables(var, torch.float32 if precision == "fp32" else torch.float16)
     ecm = fold_ecm_norms(copy.deepcopy(ecm).eval().float()) if ecm is not None else None
-    step = StepGraph(var, ecm, candidates=0)
+    step = StepGraph(var, ecm, candidates)
     control = ControlGraph(ecm) if ecm is not None else None
     decoder = DecoderGraph(var.vae)
     if precision != "fp32":  # int8 starts from fp16 for everything it does not quantize
@@ -156,9 +156,7 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
         from ecm.calibration import export_int8
 
         return export_int8(var, ecm, out_dir, opts, progress)
-    kv_dtype = getattr(torch, m.kv_dtype)
-    step, control, decoder = deployable(var, ecm, opts.precision)
-    step.candidates = m.candidates
+    step, control, decoder = deployable(var, ecm, opts.precision, m.candidates)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".ecm-export-", dir=out_dir))
@@ -167,16 +165,14 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
     try:
         progress(f"exporting the step graph ({opts.precision}, opset {opts.opset}) ...")
         example_si = min(2, m.num_scales - 2)
-        specs = step_specs(m, example_si, batch=2)
-        inputs = example_inputs(specs)
-        cast_cache(inputs, kv_dtype)
         outputs = list(m.step_outputs(example_si))
-        export_graph(step, inputs, outputs, tmp / m.graphs["step"], opts.opset, STEP_DYNAMIC)
+        export_graph(step, example_inputs(m.step_inputs(example_si, batch=2)), outputs, tmp / m.graphs["step"],
+                     opts.opset, STEP_DYNAMIC)
         if opts.static_scales:
             for si in range(m.num_scales):
                 progress(f"exporting the static step graph of scale {si} ...")
-                inputs = cast_cache(example_inputs(step_specs(m, si)), kv_dtype)
-                export_graph(step, inputs, outputs, tmp / m.graphs[f"step_s{si}"], opts.opset, None)
+                export_graph(step, example_inputs(m.step_inputs(si)), outputs, tmp / m.graphs[f"step_s{si}"],
+                             opts.opset, None)
         if control is not None:
             progress("exporting the control encoder ...")
             export_graph(control, example_inputs(m.control_inputs(batch=2)), list(m.control_outputs()),
@@ -203,14 +199,6 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out_dir, Manifest.load(out_dir), files, report)
-
-
-def cast_cache(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Example K/V inputs in the cache's dtype (fp16 in reduced precision)."""
-    for name in ("past_k", "past_v", "past_ak", "past_av"):
-        if name in inputs:
-            inputs[name] = inputs[name].to(dtype)
-    return inputs
 
 
 def _commit(tmp: Path, out_dir: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ecm.runtime.images import to_rgb_map
 from ecm.runtime.loop import Sampling, ScaleLoop, Trajectory
 from ecm.runtime.manifest import Manifest
 from ecm.runtime.ort_backend import OrtBackend
@@ -23,6 +24,7 @@ from ecm.adapters import ECM
 from ecm.data import ProceduralShapes, to_model_range
 from ecm.default_model import HELD_OUT_SEED
 from ecm.evaluate import to_uint8
+from ecm.sampling import mix_cfg
 from ecm.var import VAR
 
 
@@ -78,12 +80,12 @@ def conditions(m: Manifest, batch: int, seed: int = HELD_OUT_SEED) -> tuple[np.n
     from ecm.controls import canny_edges
 
     edges = [canny_edges(img, m.control.canny_low, m.control.canny_high) for img in images]
-    return labels, np.stack([np.repeat(e[..., None], 3, axis=2) for e in edges])
+    return labels, to_rgb_map(np.stack(edges))
 
 
 def guided_argmax(logits_2BlV: np.ndarray, t: float) -> np.ndarray:
-    B = logits_2BlV.shape[0] // 2
-    return ((1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]).argmax(-1)
+    """Top-1 token of the CFG-mixed logits."""
+    return mix_cfg(torch.from_numpy(logits_2BlV), t).argmax(-1).numpy()
 
 
 @torch.no_grad()

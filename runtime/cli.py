@@ -11,16 +11,11 @@ import numpy as np
 
 from .engine import BACKENDS, default_engine, open_engine
 from .errors import ECMError, exit_on_error
-from .images import grid, prepare_condition, read_image, save_png
+from .images import grid, prepare_condition, read_image, save_png, zoom
 from .loop import Sampling, ScaleLoop
 from .manifest import Manifest
 
 MAX_CPU_BATCH = 8
-
-
-def zoom(img: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour upscaling, so that small images stay visible in a grid."""
-    return img if factor == 1 else img.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
 def check_writable(path: Path) -> None:

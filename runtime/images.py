@@ -76,12 +76,22 @@ def prepare_condition(img: Image.Image, spec: ControlSpec, extract: bool) -> np.
         if spec.type != "canny":
             raise ECMError(f"this engine's adapters follow {spec.type!r}; only Canny edges can be extracted "
                            "here, so pass the control map itself")
-        return np.repeat(canny_edges(preprocess(img, R), spec.canny_low, spec.canny_high)[..., None], 3, axis=2)
+        return to_rgb_map(canny_edges(preprocess(img, R), spec.canny_low, spec.canny_high))
     rgb = to_rgb(img)
     arr = np.asarray(rgb, dtype=np.uint8) if rgb.size == (R, R) else preprocess(rgb, R)
     if spec.type == "canny":
-        arr = np.repeat(np.where(arr.max(axis=2) > 127, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+        arr = to_rgb_map(np.where(arr.max(axis=2) > 127, 255, 0).astype(np.uint8))
     return arr
+
+
+def to_rgb_map(map_: np.ndarray) -> np.ndarray:
+    """A grey map (..., H, W) as RGB (..., H, W, 3): how control maps are fed to the model."""
+    return np.repeat(map_[..., None], 3, axis=-1)
+
+
+def zoom(img: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling, so that small images stay visible in a grid."""
+    return img if factor == 1 else img.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
 def save_png(arr_HW3: np.ndarray, path: str | Path) -> None:

@@ -26,6 +26,7 @@ from .schedule import parse_temperature
 
 Arrays = dict[str, np.ndarray]
 
+
 class Backend(Protocol):
     """Runs the graphs of one export on buffers it allocates (host arrays or device memory)."""
 
@@ -42,6 +43,10 @@ class Backend(Protocol):
 
     def download(self, buf: Any) -> np.ndarray:
         """A host copy of ``buf``."""
+        ...
+
+    def synchronize(self) -> None:
+        """Wait until the work queued so far has finished."""
         ...
 
     def run(self, role: str, feeds: dict[str, Any], out: dict[str, Any], profile: int = 0) -> None:
@@ -92,13 +97,12 @@ class Sampling:
 def scale_constants(m: Manifest, si: int, s: Sampling) -> Arrays:
     """The small per-scale inputs of the step graph (the weights are the same for every scale)."""
     K, HW = m.num_scales, m.latent_size
-    pn_next = m.patch_nums[si + 1] if si + 1 < K else HW
     phi = np.zeros(m.num_phi, np.float32)
     phi[m.phi_table[si]] = 1
     f32 = np.float32
     return {
         "up": bicubic_matrix(m.patch_nums[si], HW).astype(f32),
-        "down": area_matrix(HW, pn_next).astype(f32),
+        "down": area_matrix(HW, m.next_patch(si)).astype(f32),
         "phi": phi,
         "first": np.array([si == 0], f32),
         "cfg": np.array([cfg_weight(s.cfg, si, K)], f32),
@@ -119,7 +123,7 @@ class Trajectory:
     x_in: list[np.ndarray] = field(default_factory=list)  # each scale's input latent, when recorded
     f_hat_in: list[np.ndarray] = field(default_factory=list)  # f_hat before each scale, when recorded
     f_hat: np.ndarray | None = None  # the final latent, when recorded
-    ctrl: np.ndarray | None = None  # control tokens (L, B, C), when recorded
+    ctrl: np.ndarray | None = None  # control tokens (L, B, D), when recorded
     uniforms: list[np.ndarray] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per graph call, when timed
 
@@ -173,7 +177,7 @@ class ScaleLoop:
             raise ConfigError(f"class labels must lie in 0..{m.num_classes - 1}, got {sorted(set(labels.tolist()))}")
         uniforms = uniforms if uniforms is not None else draw_uniforms(seed, B, m.patch_nums)
         traj = Trajectory(uniforms=uniforms)
-        clock = _Clock(traj.seconds if timed else None, getattr(be, "synchronize", None))
+        clock = _Clock(traj.seconds if timed else None, be.synchronize)
         if m.control is not None:
             if cond is None:
                 raise ConfigError("this engine has a control encoder: give a condition image (--cond)")
@@ -188,7 +192,7 @@ class ScaleLoop:
         _zero(x_in)
         _zero(f_hat)
         for si, (b, e) in enumerate(begin_ends(m.patch_nums)):
-            pn, pn_next = m.patch_nums[si], (*m.patch_nums, m.latent_size)[si + 1]
+            pn, pn_next = m.patch_nums[si], m.next_patch(si)
             if teacher is not None:
                 x_in, f_hat = be.upload(teacher.x_in[si]), be.upload(teacher.f_hat_in[si])
             if record:
@@ -243,8 +247,8 @@ def _zero(buf: Any) -> None:
 class _Clock:
     """Wall time per named block into ``into`` (a no-op without it), waiting for the device around it."""
 
-    def __init__(self, into: dict[str, float] | None, sync: Callable[[], None] | None):
-        self.into, self.sync = into, sync or (lambda: None)
+    def __init__(self, into: dict[str, float] | None, sync: Callable[[], None]):
+        self.into, self.sync = into, sync
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:

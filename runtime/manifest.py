@@ -20,6 +20,8 @@ from .scales import begin_ends, phi_table, total_tokens
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "var_ecm.json"
 PRECISIONS = ("fp32", "fp16", "int8")
+#: The graphs a runtime loads; an export may hold more (static per-scale variants, 'step_s<k>').
+RUNTIME_ROLES = ("step", "control", "decoder")
 
 #: A tensor's shape and element type, e.g. ``((1, 32, 4, 4), "float32")``.
 TensorSpec = tuple[tuple[int, ...], str]
@@ -91,6 +93,10 @@ class Manifest:
     def phi_table(self) -> tuple[int, ...]:
         return phi_table(self.num_scales, self.num_phi)
 
+    def next_patch(self, si: int) -> int:
+        """Side of the input the step at scale ``si`` prepares: the next scale's, or f_hat's after the last."""
+        return self.patch_nums[si + 1] if si + 1 < self.num_scales else self.latent_size
+
     # ------------------------------------------------------------------------------ shapes
     def kv_shape(self, tokens: int, batch: int | None = None) -> tuple[int, ...]:
         """Cache layout (tokens, layers, 2B, heads, head_dim): a scale's slice is contiguous."""
@@ -103,11 +109,11 @@ class Manifest:
         return (tokens, self.adapter_layers, 2 * B, self.adapter_heads, self.adapter_dim // max(self.adapter_heads, 1))
 
     def step_inputs(self, si: int, batch: int | None = None) -> dict[str, TensorSpec]:
-        """Inputs of the step graph at scale ``si``: name -> (shape, dtype)."""
+        """Inputs of the step graph at scale ``si``, in the graph's input order: name -> (shape, dtype)."""
         B = self.batch if batch is None else batch
         pn, HW, Cv = self.patch_nums[si], self.latent_size, self.latent_channels
         past = begin_ends(self.patch_nums)[si][0]
-        nxt = self.patch_nums[si + 1] if si + 1 < self.num_scales else HW
+        nxt = self.next_patch(si)
         specs: dict[str, TensorSpec] = {
             "label": ((B,), "int64"),
             "x_in": ((B, Cv, pn, pn), "float32"),
@@ -134,7 +140,7 @@ class Manifest:
         """Outputs of the step graph at scale ``si``."""
         B = self.batch if batch is None else batch
         pn, HW, Cv = self.patch_nums[si], self.latent_size, self.latent_channels
-        nxt = self.patch_nums[si + 1] if si + 1 < self.num_scales else HW
+        nxt = self.next_patch(si)
         specs: dict[str, TensorSpec] = {
             "logits": ((2 * B, pn * pn, self.vocab_size), "float32"),
             "tokens": ((B, pn * pn), "int64"),

@@ -7,7 +7,7 @@ import ctypes
 import sys
 from pathlib import Path
 
-from .manifest import Manifest
+from .manifest import RUNTIME_ROLES, Manifest
 
 _M_MMAP_THRESHOLD = -3
 
@@ -49,5 +49,5 @@ def weight_bytes(folder: str | Path) -> int:
     """Bytes of an export's graphs on disk: their weights, plus a small graph description."""
     folder = Path(folder)
     m = Manifest.load(folder)
-    return sum(p.stat().st_size for name in m.graphs.values() if not name.startswith("step_s")
-               for p in folder.glob(name + "*"))
+    return sum(p.stat().st_size for role in RUNTIME_ROLES if role in m.graphs
+               for p in folder.glob(m.graphs[role] + "*"))

@@ -15,7 +15,7 @@ import numpy as np
 
 from .device import DeviceArray, check, cudart
 from .errors import ECMError
-from .manifest import Manifest
+from .manifest import RUNTIME_ROLES, Manifest
 from .memory import return_freed_memory
 
 
@@ -53,7 +53,7 @@ class OrtBackend:
         for key, value in (config or {}).items():
             opts.add_session_config_entry(key, value)
         self.sessions = {}
-        for role in ("step", "control", "decoder"):
+        for role in RUNTIME_ROLES:
             name = self.manifest.graphs.get(role)
             if name is None:
                 continue

@@ -14,7 +14,7 @@ import numpy as np
 
 from .device import DeviceArray, check, cudart, device_name
 from .errors import ECMError
-from .manifest import Manifest
+from .manifest import RUNTIME_ROLES, Manifest
 
 
 def _rebuild_hint(folder: Path) -> str:
@@ -51,7 +51,7 @@ class TrtBackend:
         self.runtime = trt.Runtime(self.logger)
         self.engines, self.contexts, self.inputs = {}, {}, {}
         plans = {role: plan for role, plan in (m.tensorrt.get("plans") or {}).items()
-                 if role in ("step", "control", "decoder")}
+                 if role in RUNTIME_ROLES}
         if "step" not in plans:
             raise ECMError(f"the manifest in {self.folder} lists no step plan; {_rebuild_hint(self.folder)}")
         for role, plan in plans.items():
