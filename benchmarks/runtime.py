@@ -30,16 +30,10 @@ from ecm.export.pipeline import ExportOptions, export_model
 from ecm.runtime.loop import Sampling, ScaleLoop
 from ecm.runtime.manifest import Manifest
 from ecm.runtime.ort_backend import OrtBackend
-from ecm.runtime.scales import PATCH_NUMS_256
+from models import d16_proportioned
 
-from ecm import var_config, vqvae_config
-from ecm.adapters import ECM, ecm_config
 from ecm.data import to_model_range
 from ecm.default_model import load_default
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.conftest import make_pair, randomize_  # noqa: E402
 
 MEMORY_PROBE = r"""
 import json, sys
@@ -69,13 +63,6 @@ print(json.dumps({"peak": peak_rss_mb() - base, "after": after, "weights": weigh
                   "kv": m.kv_cache_bytes(1) / 2**20, "ort_setup": base - before_env,
                   "anon_after": anon - anon0, "file_after": file - file0}))
 """
-
-
-def d16_proportioned() -> tuple:
-    vae_cfg = vqvae_config("tiny", vocab_size=4096, z_channels=32, ch_mult=(1, 1, 1, 1, 2), patch_nums=PATCH_NUMS_256)
-    _, var = make_pair(vae_cfg, var_config("d16", vae=vae_cfg, depth=4), seed=10)
-    ecm = randomize_(ECM(ecm_config(var.config, vae_cfg.downsample, "base", num_adapters=2)), seed=3)
-    return var, ecm
 
 
 def per_image(fn, images: int) -> float:
