@@ -55,12 +55,26 @@ def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: 
                    "or the vocabulary if smaller.")
 @click.option("--static-scales", is_flag=True,
               help="Also export one fully static step graph per scale (weights stored once per scale).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="INT8 calibration: a folder of condition maps (as ecm-run --cond takes them) or of calibration "
+                   "data recorded by an earlier int8 export. Default: procedural conditions.")
+@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(min=1),
+              help="INT8: generations recorded for calibration (each calibrates every scale).")
+@click.option("--calib-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="INT8: generations per calibration batch (memory grows with it).")
+@click.option("--int8-scope", type=click.Choice(["linear", "all"]), default="linear", show_default=True,
+              help="INT8: 'linear' quantizes the linear layers but the vocabulary head; 'all' also the head and "
+                   "the attention products.")
+@click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="INT8: SmoothQuant strength for the Q/DQ (TensorRT) graphs; 0 turns it off.")
+@click.option("--report-images", default=16, show_default=True, type=click.IntRange(min=1),
+              help="INT8: held-out images of the fp32-vs-INT8 report (var_ecm.int8.json, var_ecm.int8.png).")
 @click.option("--no-build", is_flag=True, help="Stop after ONNX even where TensorRT and a GPU are present.")
 @click.option("--build-only", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Only build TensorRT plans for an existing export folder (run this on the target GPU).")
 @exit_on_error
-def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, candidates, static_scales, no_build,
-         build_only) -> None:
+def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, candidates, static_scales, calib,
+         calib_samples, calib_batch, int8_scope, smooth, report_images, no_build, build_only) -> None:
     """Export backbone + ECM adapters to ONNX (verified with ONNX Runtime) and TensorRT plans.
 
     With no arguments: the newest ecm-train result in this folder (else the embedded default
@@ -80,6 +94,8 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
     from ecm.default_model import default_paths, load_backbone
 
     check_opset(opset)
+    if calib is not None and precision != "int8":
+        raise ECMError("--calib calibrates INT8 exports; add --precision int8 or leave --calib out")
     ecm_path, vae_path, var_path, what = resolve_checkpoints(ecm_path, vae_path, var_path, not no_ecm)
     click.echo(what)
     _, var = load_backbone(vae_path, var_path)
@@ -92,7 +108,16 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
         sources["ecm"] = ecm_path or defaults[2]
     opts = ExportOptions(precision=precision, opset=opset, batch=batch, candidates=candidates,
                          static_scales=static_scales, sources={k: sha256(p) for k, p in sources.items()})
-    result = export_model(var, ecm, out, opts, progress=click.echo)
+    if precision == "int8":
+        from ecm.calibration import CalibOptions, export_int8
+        from tqdm import tqdm
+
+        calib_opts = CalibOptions(source=calib, samples=calib_samples, batch=calib_batch, scope=int8_scope,
+                                  smooth=smooth, report_images=report_images)
+        result = export_int8(var, ecm, out, opts, calib_opts, progress=click.echo,
+                             bar=lambda it: tqdm(it, desc="calibration", unit="batch", dynamic_ncols=True))
+    else:
+        result = export_model(var, ecm, out, opts, progress=click.echo)
     graphs = ", ".join(result.manifest.graphs.values())
     click.echo(f"wrote {out.resolve()}: var_ecm.json, {graphs} (weights in *.onnx.data), var_ecm.verify.json, "
                "golden/")

@@ -43,7 +43,7 @@ from ecm.export.tensorrt_ops import graph_problems
 from ecm.export.verify import VerifyReport, verify_export
 from ecm.runtime.errors import ConfigError, ECMError
 from ecm.runtime.files import write_json
-from ecm.runtime.manifest import MANIFEST_NAME, PRECISIONS, ControlSpec, Manifest
+from ecm.runtime.manifest import CPU_FORM, MANIFEST_NAME, PRECISIONS, ControlSpec, Manifest
 from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_ECM_TEMPERATURE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
 from ecm.adapters import ECM
@@ -53,6 +53,8 @@ from ecm.var import VAR
 VERIFY_NAME = "var_ecm.verify.json"
 VERIFY_BATCH = 4  # images compared with the eager model in every export
 Progress = Callable[[str], None]
+#: Rewrites the fp32 graphs of an unfinished export folder in place (INT8: calibrate and quantize).
+Quantizer = Callable[[Path, Manifest, Progress], None]
 
 
 @dataclass
@@ -131,15 +133,21 @@ def adapter_facts(ecm: ECM | None) -> dict[str, int]:
 
 def deployable(var: VAR, ecm: ECM | None, precision: str,
                candidates: int) -> tuple[StepGraph, nn.Module | None, nn.Module]:
-    """Copies of the three networks as they are exported: norms folded, precision applied."""
+    """Copies of the three networks as they are exported: norms folded, precision applied.
+
+    INT8 exports start from fp32 graphs (ONNX Runtime's quantizer rewrites those) and keep the
+    AdaLN layers as linear layers, so their weights are quantized like every other linear layer
+    instead of becoming fp32 tables as large as those weights.
+    """
     var = copy.deepcopy(var).eval().float()
     var.attach_vae(copy.deepcopy(var.vae).eval().float())
-    fold_class_tables(var, torch.float32 if precision == "fp32" else torch.float16)
+    if precision != "int8":
+        fold_class_tables(var, torch.float32 if precision == "fp32" else torch.float16)
     ecm = fold_ecm_norms(copy.deepcopy(ecm).eval().float()) if ecm is not None else None
     step = StepGraph(var, ecm, candidates)
     control = ControlGraph(ecm) if ecm is not None else None
     decoder = DecoderGraph(var.vae)
-    if precision != "fp32":  # int8 starts from fp16 for everything it does not quantize
+    if precision == "fp16":
         cast_matmuls(step, torch.float16, skip=("var.head",))
         cast_matmuls(decoder, torch.float16)
         if control is not None:
@@ -148,14 +156,16 @@ def deployable(var: VAR, ecm: ECM | None, precision: str,
 
 
 def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOptions,
-                 progress: Progress = print) -> ExportResult:
-    """Export, verify with ONNX Runtime, save golden outputs; the folder is complete or untouched."""
+                 progress: Progress = print, quantize: Quantizer | None = None) -> ExportResult:
+    """Export, verify with ONNX Runtime, save golden outputs; the folder is complete or untouched.
+
+    ``quantize`` runs on the finished fp32 graphs before verification (``ecm.calibration``).
+    """
     out_dir = Path(out_dir)
     m = make_manifest(var, ecm, opts)
-    if opts.precision == "int8":
-        from ecm.calibration import export_int8
-
-        return export_int8(var, ecm, out_dir, opts, progress)
+    if (opts.precision == "int8") != (quantize is not None):
+        raise ConfigError("an int8 export needs calibration: use ecm.calibration.export_int8 "
+                          "(ecm-export --precision int8), which quantizes; other precisions take no quantizer")
     step, control, decoder = deployable(var, ecm, opts.precision, m.candidates)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,11 +190,13 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
         progress("exporting the decoder ...")
         export_graph(decoder, example_inputs(m.decoder_inputs(batch=2)), list(m.decoder_outputs()),
                      tmp / m.graphs["decoder"], opts.opset, BATCH_DYNAMIC)
-        for name in m.graphs.values():
-            problems = graph_problems(tmp / name)
+        m.save(tmp)
+        if quantize is not None:
+            quantize(tmp, m, progress)
+        for role, name in m.graphs.items():
+            problems = [] if role.endswith(CPU_FORM) else graph_problems(tmp / name)
             if problems:
                 raise ECMError(f"{name} would not parse in TensorRT: {'; '.join(problems[:3])}")
-        m.save(tmp)
         report = None
         if opts.verify:
             progress("verifying with ONNX Runtime against the eager model ...")

@@ -17,7 +17,7 @@ from pathlib import Path
 from ecm.runtime.device import device_name
 from ecm.runtime.errors import ECMError
 from ecm.runtime.files import atomic_path
-from ecm.runtime.manifest import Manifest, TensorSpec
+from ecm.runtime.manifest import CPU_FORM, Manifest, TensorSpec
 
 TIMING_CACHE = "timing.cache"
 
@@ -66,6 +66,8 @@ def build_plans(folder: str | Path, progress: Callable[[str], None] = print) -> 
     cache = folder / TIMING_CACHE
     plans = {}
     for role, onnx_name in m.graphs.items():
+        if role.endswith(CPU_FORM):  # INT8 graphs for ONNX Runtime's CPU kernels; TensorRT takes the Q/DQ ones
+            continue
         profiles = []
         for shapes in profile_shapes(m, role):
             p = Profile()

@@ -25,7 +25,7 @@ from ecm.data import ProceduralShapes, to_model_range
 from ecm.default_model import HELD_OUT_SEED
 from ecm.evaluate import to_uint8
 from ecm.sampling import mix_cfg
-from ecm.var import VAR
+from ecm.var import VAR, Generation
 
 
 @dataclass
@@ -88,30 +88,59 @@ def guided_argmax(logits_2BlV: np.ndarray, t: float) -> np.ndarray:
     return mix_cfg(torch.from_numpy(logits_2BlV), t).argmax(-1).numpy()
 
 
+@dataclass
+class Reference:
+    """An eager (fp32) generation on held-out conditions: what every export is compared with."""
+
+    labels: np.ndarray
+    cond: np.ndarray | None
+    sampling: Sampling
+    seed: int
+    generation: Generation
+
+    @property
+    def images(self) -> np.ndarray:
+        return to_uint8(self.generation.images)
+
+
 @torch.no_grad()
-def verify_export(folder: Path, var: VAR, ecm: ECM | None, seed: int = 0, batch: int | None = None) -> VerifyReport:
-    """Run the export in ``folder`` with ONNX Runtime and compare it with the eager (fp32) model."""
-    m = Manifest.load(folder)
-    B = batch or m.batch
+def eager_reference(var: VAR, ecm: ECM | None, m: Manifest, batch: int, seed: int = 0) -> Reference:
+    """Generate ``batch`` held-out images eagerly with the export's sampling settings, keeping every scale."""
     sampling = Sampling.defaults(m)
-    labels, cond = conditions(m, B)
+    labels, cond = conditions(m, batch)
     ctrl = to_model_range(cond) if cond is not None else None
-    eager = var.generate(torch.from_numpy(labels), cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p,
-                         temperature=sampling.temperature, seed=seed, ecm=ecm, control_B3HW=ctrl,
-                         candidates=m.candidates, trace=True)
-    loop = ScaleLoop(m, OrtBackend(folder, m), B)
-    free = loop.run(labels, cond, sampling, seed=seed, record=True)
+    gen = var.generate(torch.from_numpy(labels), cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p,
+                       temperature=sampling.temperature, seed=seed, ecm=ecm, control_B3HW=ctrl,
+                       candidates=m.candidates, trace=True)
+    return Reference(labels, cond, sampling, seed, gen)
+
+
+def compare(folder: Path, ref: Reference, cpu_forms: bool = True) -> tuple[VerifyReport, np.ndarray]:
+    """Run the export in ``folder`` free and teacher-forced on ``ref``'s inputs; the report and its images.
+
+    ``cpu_forms=False`` runs an INT8 export's Q/DQ graphs (TensorRT's) instead of its CPU forms.
+    """
+    m = Manifest.load(folder)
+    B, eager = len(ref.labels), ref.generation
+    loop = ScaleLoop(m, OrtBackend(folder, m, cpu_forms=cpu_forms), B)
+    free = loop.run(ref.labels, ref.cond, ref.sampling, seed=ref.seed, record=True)
     teacher = Trajectory(x_in=[x.numpy() for x in eager.x_in], f_hat_in=[f.numpy() for f in eager.f_hat_in])
-    forced = loop.run(labels, cond, sampling, seed=seed, teacher=teacher, record=True, decode=False)
+    forced = loop.run(ref.labels, ref.cond, ref.sampling, seed=ref.seed, teacher=teacher, record=True, decode=False)
 
     scales = []
     for si, pn in enumerate(m.patch_nums):
-        ref = eager.logits[si].numpy()
-        diff = float(np.abs(free.logits[si] - ref).max())
-        t = cfg_weight(sampling.cfg, si, m.num_scales)
+        want = eager.logits[si].numpy()
+        diff = float(np.abs(free.logits[si] - want).max())
+        t = cfg_weight(ref.sampling.cfg, si, m.num_scales)
         scales.append(ScaleReport(
-            patch=pn, logits_max_abs_diff=diff, logits_rel_diff=diff / float(np.abs(ref).max()),
+            patch=pn, logits_max_abs_diff=diff, logits_rel_diff=diff / float(np.abs(want).max()),
             token_agreement=float((free.tokens[si] == eager.idx_list[si].numpy()).mean()),
-            teacher_top1_agreement=float((guided_argmax(forced.logits[si], t) == guided_argmax(ref, t)).mean())))
-    image_diff = int(np.abs(free.images.astype(int) - to_uint8(eager.images).astype(int)).max())
-    return VerifyReport(m.precision, B, seed, scales, image_diff)
+            teacher_top1_agreement=float((guided_argmax(forced.logits[si], t) == guided_argmax(want, t)).mean())))
+    image_diff = int(np.abs(free.images.astype(int) - ref.images.astype(int)).max())
+    return VerifyReport(m.precision, B, ref.seed, scales, image_diff), free.images
+
+
+def verify_export(folder: Path, var: VAR, ecm: ECM | None, seed: int = 0, batch: int | None = None) -> VerifyReport:
+    """Run the export in ``folder`` with ONNX Runtime and compare it with the eager (fp32) model."""
+    m = Manifest.load(folder)
+    return compare(folder, eager_reference(var, ecm, m, batch or m.batch, seed))[0]

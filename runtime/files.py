@@ -13,6 +13,13 @@ from typing import Any
 from .errors import ECMError
 
 
+def readable(path: str | Path) -> None:
+    """Give ``path`` the permissions a plain new file gets (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
@@ -31,9 +38,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:  # on disk before it takes the final name
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
+        readable(tmp_path)  # mkstemp's 0600 would hide checkpoints from other users
         os.replace(tmp_path, path)
     except OSError as e:
         raise ECMError(f"cannot write {path}: {e.strerror or e}; free some disk space or choose "

@@ -22,6 +22,9 @@ MANIFEST_NAME = "var_ecm.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 #: The graphs a runtime loads; an export may hold more (static per-scale variants, 'step_s<k>').
 RUNTIME_ROLES = ("step", "control", "decoder")
+#: Suffix of a role's CPU form: an INT8 export's graph that ONNX Runtime's CPU kernels run faster than
+#: the Q/DQ graph kept for TensorRT ('step_cpu' beside 'step').
+CPU_FORM = "_cpu"
 
 #: A tensor's shape and element type, e.g. ``((1, 32, 4, 4), "float32")``.
 TensorSpec = tuple[tuple[int, ...], str]
@@ -62,7 +65,7 @@ class Manifest:
     top_p: float
     temperature: str
     control: ControlSpec | None
-    graphs: dict[str, str]  # role ('step', 'control', 'decoder') -> file name; 'step_s<k>' for static variants
+    graphs: dict[str, str]  # role ('step', 'control', 'decoder') -> file; 'step_s<k>' static, 'step_cpu' CPU form
     sources: dict[str, str] = field(default_factory=dict)  # checkpoint role -> sha256
     adapter_layers: int = 0  # ECM adapters: layers of their own KV cache (0 without control)
     adapter_dim: int = 0  # the adapters' width, that of the control tokens
@@ -87,11 +90,16 @@ class Manifest:
 
     @property
     def kv_dtype(self) -> str:
-        return "float32" if self.precision == "fp32" else "float16"
+        return "float16" if self.precision == "fp16" else "float32"  # int8 keeps fp32 between its Q/DQ pairs
 
     @property
     def phi_table(self) -> tuple[int, ...]:
         return phi_table(self.num_scales, self.num_phi)
+
+    def runtime_graphs(self, cpu: bool = False) -> dict[str, str]:
+        """Role -> file of the graphs a runtime loads; with ``cpu``, CPU forms stand in for their roles."""
+        return {role: self.graphs.get(role + CPU_FORM, self.graphs[role]) if cpu else self.graphs[role]
+                for role in RUNTIME_ROLES if role in self.graphs}
 
     def next_patch(self, si: int) -> int:
         """Side of the input the step at scale ``si`` prepares: the next scale's, or f_hat's after the last."""

@@ -7,7 +7,7 @@ import ctypes
 import sys
 from pathlib import Path
 
-from .manifest import RUNTIME_ROLES, Manifest
+from .manifest import Manifest
 
 _M_MMAP_THRESHOLD = -3
 
@@ -45,9 +45,8 @@ def peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def weight_bytes(folder: str | Path) -> int:
-    """Bytes of an export's graphs on disk: their weights, plus a small graph description."""
+def weight_bytes(folder: str | Path, cpu: bool = True) -> int:
+    """Bytes on disk of the graphs a runtime loads (on the CPU, with ``cpu``): weights plus graph descriptions."""
     folder = Path(folder)
-    m = Manifest.load(folder)
-    return sum(p.stat().st_size for role in RUNTIME_ROLES if role in m.graphs
-               for p in folder.glob(m.graphs[role] + "*"))
+    return sum(p.stat().st_size for name in Manifest.load(folder).runtime_graphs(cpu).values()
+               for p in folder.glob(name + "*"))

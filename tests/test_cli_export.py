@@ -40,6 +40,9 @@ def test_export_picks_the_latest_training_run(tmp_path, monkeypatch):
     (["--var", "/nonexistent/var.pth"], "does not exist"),
     (["--opset", "23"], "opset 23 is not supported"),
     (["--build-only", "."], "no manifest"),
+    (["--calib", "."], "--calib calibrates INT8 exports"),
+    (["--precision", "int8", "--calib", "/nonexistent/maps"], "does not exist or is not a folder"),
+    (["--precision", "int8", "--calib", "."], "holds no images"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

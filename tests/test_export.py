@@ -198,7 +198,7 @@ def test_a_failed_export_leaves_the_previous_one_intact(fp32_export, tiny_pair, 
     (ExportOptions(opset=23), "opset 23"),
     (ExportOptions(precision="fp8"), "unknown precision"),
     (ExportOptions(candidates=100_000), "candidates"),
-    (ExportOptions(precision="int8"), "not built yet"),
+    (ExportOptions(precision="int8"), "needs calibration"),
 ])
 def test_bad_export_options(tiny_pair, tiny_ecm, tmp_path, opts, message):
     with pytest.raises(ECMError, match=message):

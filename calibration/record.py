@@ -1,0 +1,246 @@
+"""Calibration data: real generation trajectories of the eager model, recorded once and reused.
+
+A trajectory is what decides every step graph input of a generation: the labels, the condition,
+the uniforms, and per scale the input latent and f_hat the eager (backbone + ECM) model produced.
+Those are small and are what is kept on disk (``calibration.json`` + one ``batch_<n>.npz`` per
+batch). The KV caches they imply are a thousand times larger, so :func:`step_feeds` rebuilds them
+by teacher-forcing the fp32 graphs along the recorded trajectory: every scale's profile is then
+calibrated with the caches, control tokens and latents it really sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ecm.export.verify import conditions
+from ecm.runtime.errors import ConfigError, ECMError
+from ecm.runtime.files import write_json
+from ecm.runtime.images import prepare_condition, read_image
+from ecm.runtime.loop import Sampling, ScaleLoop, Trajectory
+from ecm.runtime.manifest import Manifest
+from ecm.runtime.ort_backend import OrtBackend
+from ecm.runtime.sampling import draw_uniforms
+
+from ecm.adapters import ECM
+from ecm.data import to_model_range
+from ecm.var import VAR
+
+META_NAME = "calibration.json"
+FORMAT = 1
+#: Procedural conditions for calibration: neither the training set (seed 0) nor the held-out one (1000).
+CALIB_SEED = 2000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_SAMPLES = 32
+DEFAULT_BATCH = 8
+Bar = Callable[[Iterable[Any]], Iterable[Any]]
+
+
+@dataclass(frozen=True)
+class CalibrationMeta:
+    """What a recorded calibration set was made from; a set is reused only for the same model."""
+
+    model: str  # fingerprint of the weights (model_fingerprint)
+    source: str  # 'procedural' or the condition folder
+    samples: int
+    batch: int
+    sampling: dict[str, Any]
+    format: int = FORMAT
+
+
+def model_fingerprint(var: VAR, ecm: ECM | None) -> str:
+    """sha256 over every weight of the VQVAE, the VAR and the adapters (names, shapes, values)."""
+    h = hashlib.sha256()
+    parts = [("vae", var.vae), ("var", var)] + ([("ecm", ecm)] if ecm is not None else [])
+    for prefix, module in parts:
+        for name, t in sorted(module.state_dict().items()):
+            if name.startswith("vae."):  # the VQVAE attached to the VAR is hashed once, above
+                continue
+            h.update(f"{prefix}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def image_paths(folder: Path) -> list[Path]:
+    """The condition images in a calibration folder, checked to exist (a ConfigError otherwise)."""
+    if not folder.is_dir():
+        raise ConfigError(f"calibration folder {folder} does not exist or is not a folder; pass a folder of "
+                          "condition images, or leave --calib out to use the procedural set")
+    try:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as e:
+        raise ConfigError(f"cannot list calibration folder {folder} ({e.strerror or e}); check its permissions") \
+            from None
+    if not paths:
+        raise ConfigError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add "
+                          "condition maps, or leave --calib out to use the procedural set")
+    return paths
+
+
+def check_source(source: Path | None) -> None:
+    """Fail early on a calibration source that can be neither recorded data nor condition images."""
+    if source is not None and not (source / META_NAME).is_file():
+        image_paths(source)
+
+
+def folder_conditions(folder: Path, m: Manifest, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``samples`` condition maps from ``folder`` (as ``ecm-run --cond`` takes them), with labels."""
+    paths = image_paths(folder)
+    if m.control is None:
+        raise ConfigError("this export has no control adapters, so condition images mean nothing to it; "
+                          "leave --calib out")
+    maps, bad = [], []
+    for p in paths[:samples]:
+        try:
+            maps.append(prepare_condition(read_image(p), m.control, extract=False))
+        except ECMError:
+            bad.append(p.name)
+    if bad:
+        raise ConfigError(f"{len(bad)} calibration image(s) in {folder} cannot be read ({', '.join(bad[:5])}); "
+                          "remove or replace them")
+    return np.arange(len(maps), dtype=np.int64) % m.num_classes, np.stack(maps)
+
+
+@dataclass
+class CalibrationSet:
+    """A recorded calibration set on disk."""
+
+    folder: Path
+    meta: CalibrationMeta
+
+    @property
+    def batch_files(self) -> list[Path]:
+        return sorted(self.folder.glob("batch_*.npz"))
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for path in self.batch_files:
+            try:
+                with np.load(path) as z:
+                    yield dict(z)
+            except (OSError, ValueError) as e:
+                raise ECMError(f"calibration data {path} is damaged ({e}); delete {self.folder} to record it "
+                               "again") from None
+
+    @classmethod
+    def load(cls, folder: Path, fingerprint: str) -> CalibrationSet:
+        """A recorded set, checked to come from the model with ``fingerprint``."""
+        try:
+            d = json.loads((folder / META_NAME).read_text())
+            meta = CalibrationMeta(**d)
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"cannot read calibration data {folder / META_NAME} ({e}); delete {folder} to "
+                              "record it again") from None
+        if meta.format != FORMAT:
+            raise ConfigError(f"calibration data in {folder} has format {meta.format}, this ecm reads {FORMAT}; "
+                              f"delete {folder} to record it again")
+        if meta.model != fingerprint:
+            raise ConfigError(f"calibration data in {folder} was recorded with another model (weights "
+                              f"{meta.model[:12]}, exporting {fingerprint[:12]}); pass condition images or "
+                              "calibration data of this model")
+        cset = cls(folder, meta)
+        if len(cset.batch_files) != -(-meta.samples // meta.batch):
+            raise ConfigError(f"calibration data in {folder} is incomplete; delete it to record it again")
+        return cset
+
+
+def record(var: VAR, ecm: ECM | None, m: Manifest, labels_N: np.ndarray, cond_NHW3: np.ndarray | None,
+           folder: Path, meta: CalibrationMeta, bar: Bar = iter) -> CalibrationSet:
+    """Generate with the eager model and write every batch's trajectory into ``folder`` (made atomically)."""
+    sampling = Sampling(**meta.sampling)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".calib-", dir=folder.parent))
+    try:
+        for n, b in enumerate(bar(range(0, len(labels_N), meta.batch))):
+            label, cond = labels_N[b:b + meta.batch], None if cond_NHW3 is None else cond_NHW3[b:b + meta.batch]
+            uniforms = draw_uniforms(CALIB_SEED + b, len(label), m.patch_nums)
+            with torch.no_grad():
+                gen = var.generate(torch.from_numpy(label), cfg=sampling.cfg, top_k=sampling.top_k,
+                                   top_p=sampling.top_p, temperature=sampling.temperature, uniforms=uniforms, ecm=ecm,
+                                   control_B3HW=None if cond is None else to_model_range(cond),
+                                   candidates=m.candidates, decode=False, trace=True)
+            arrays = {"labels": label, **({"cond": cond} if cond is not None else {})}
+            for si in range(m.num_scales):
+                arrays[f"u{si}"] = uniforms[si]
+                arrays[f"x{si}"] = gen.x_in[si].numpy()
+                arrays[f"f{si}"] = gen.f_hat_in[si].numpy()
+            np.savez(tmp / f"batch_{n:04d}.npz", **arrays)
+        write_json(asdict(meta), tmp / META_NAME)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except OSError as e:
+        raise ECMError(f"cannot write calibration data into {folder.parent} ({e.strerror or e}); free some space "
+                       "or set XDG_CACHE_HOME to a writable place") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return CalibrationSet(folder, meta)
+
+
+def calibration_set(var: VAR, ecm: ECM | None, m: Manifest, source: Path | None, cache: Path,
+                    samples: int = DEFAULT_SAMPLES, batch: int = DEFAULT_BATCH, bar: Bar = iter,
+                    progress: Callable[[str], None] = print) -> CalibrationSet:
+    """The calibration set for this model and ``source``: recorded data given as ``source``, a cached
+    recording, or a new one (conditions from the folder ``source``, else the procedural set)."""
+    if samples < 1 or batch < 1:
+        raise ConfigError(f"calibration needs at least one sample and a batch of one (got {samples}, {batch})")
+    fingerprint = model_fingerprint(var, ecm)
+    if source is not None and (source / META_NAME).is_file():
+        progress(f"calibration data: {source} (recorded earlier)")
+        return CalibrationSet.load(source, fingerprint)
+    sampling = Sampling.defaults(m)
+    meta = CalibrationMeta(fingerprint, "procedural" if source is None else str(source.resolve()), samples,
+                           min(batch, samples), asdict(sampling))
+    if source is None:
+        labels, cond = conditions(m, samples, seed=CALIB_SEED)
+    else:
+        labels, cond = folder_conditions(source, m, samples)
+        meta = CalibrationMeta(**{**asdict(meta), "samples": len(labels), "batch": min(batch, len(labels))})
+    key = hashlib.sha256(json.dumps(asdict(meta), sort_keys=True).encode())
+    if cond is not None:
+        key.update(cond.tobytes())
+    folder = cache / key.hexdigest()[:16]
+    if (folder / META_NAME).is_file():
+        try:
+            cset = CalibrationSet.load(folder, fingerprint)
+            progress(f"calibration data: {folder} (reused)")
+            return cset
+        except ConfigError:
+            pass  # a damaged cache entry is recorded again
+    progress(f"recording calibration data ({meta.samples} generations) into {folder} ...")
+    return record(var, ecm, m, labels, cond, folder, meta, bar)
+
+
+def control_feeds(cset: CalibrationSet) -> Iterator[dict[str, np.ndarray]]:
+    """The control encoder's input of every recorded batch."""
+    for arrays in cset.batches():
+        yield {"cond": arrays["cond"]}
+
+
+def step_feeds(cset: CalibrationSet, fp32_folder: Path, m: Manifest) -> Iterator[dict[str, np.ndarray]]:
+    """The step graph's inputs at every scale of every recorded batch.
+
+    The fp32 graphs are teacher-forced along each recorded trajectory, which fills the loop's KV
+    caches exactly as that generation filled them; each scale's feeds are then copied out.
+    """
+    backend = OrtBackend(fp32_folder, m)
+    sampling = Sampling(**cset.meta.sampling)
+    loops: dict[int, ScaleLoop] = {}
+    for arrays in cset.batches():
+        labels, cond = arrays["labels"], arrays.get("cond")
+        B = len(labels)
+        loop = loops.setdefault(B, ScaleLoop(m, backend, B))
+        K = m.num_scales
+        teacher = Trajectory(x_in=[arrays[f"x{si}"] for si in range(K)], f_hat_in=[arrays[f"f{si}"] for si in range(K)])
+        uniforms = [arrays[f"u{si}"] for si in range(K)]
+        loop.run(labels, cond, sampling, uniforms=uniforms, teacher=teacher, decode=False)
+        for si, pn in enumerate(m.patch_nums):
+            feeds = loop.step_feeds(si, labels, teacher.x_in[si], teacher.f_hat_in[si],
+                                    uniforms[si].reshape(B, pn, pn), sampling)
+            yield {k: np.array(v) for k, v in feeds.items()}
