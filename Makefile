@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 EXTRAS ?= train,export,cpu,dev
 
-.PHONY: setup demo test test-all lint clean default-model bench-early-centric bench-runtime
+.PHONY: setup demo test test-all lint clean default-model bench-early-centric bench-runtime bench-int8
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,9 @@ bench-early-centric: setup
 
 bench-runtime: setup
 	$(BIN)/python benchmarks/runtime.py
+
+bench-int8: setup
+	$(BIN)/python benchmarks/int8.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -88,6 +88,7 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
         has_bias = len(n.input) > 2 and n.input[2]
         product = n.output[0] + "_product" if has_bias else n.output[0]
         out.append(helper.make_node("MatMul", [n.input[0], n.input[1]], [product], name=n.name))
+        out[-1].metadata_props.extend(n.metadata_props)  # the module it came from
         if has_bias:
             out.append(helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=n.name + "_bias"))
         count += 1

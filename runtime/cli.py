@@ -114,7 +114,7 @@ def main(engine, conds, control, labels, seed, temperature, cfg, top_k, top_p, n
     else:
         save_png(grid([[zoom(im, factor) for im in row] for row in rows]), out)
     click.echo(f"wrote {out} ({total} image{'s' * (total > 1)}, {seconds / total:.3f} s per image, "
-               f"{runner.name} on {runner.device})")
+               f"{runner.name} on {runner.device}, {m.precision})")
     if save_steps:
         steps_path = out.with_name(f"{out.stem}_steps.png")
         save_png(grid([[zoom(im, factor) for im in strip] for strip in strips]), steps_path)
