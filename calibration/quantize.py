@@ -25,15 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from ecm.calibration.options import SCOPES, SMOOTH_ALPHA
 from ecm.runtime.errors import ECMError
 from ecm.runtime.files import readable
 from onnx import helper, numpy_helper
 
-SCOPES = ("linear", "all")
 HALF_MIN_ELEMENTS = 1 << 16  # fp32 weights at least this large are stored as fp16
 CPU_BLOCK = 128  # inputs per weight scale in the CPU form (32: as accurate here, 1.4x slower)
 CPU_ACCURACY = 4  # MatMulNBits: 4 = int8 products (activations quantized per block on the fly)
-SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength for the Q/DQ form; 0 turns smoothing off
 Feeds = Callable[[], Iterable[dict[str, np.ndarray]]]  # a fresh iterator of graph inputs per call
 
 
@@ -311,10 +310,3 @@ def _quiet() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-
-
-def int8_weights(path: Path) -> tuple[int, int]:
-    """(weights stored as INT8, all weights) of an ONNX file, in elements."""
-    model = onnx.load(str(path), load_external_data=False)
-    sizes = [(int(np.prod(t.dims)), t.data_type) for t in model.graph.initializer]
-    return sum(n for n, dt in sizes if dt == onnx.TensorProto.INT8), sum(n for n, _ in sizes)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ecm.calibration.options import DEFAULT_BATCH, DEFAULT_SAMPLES
 from ecm.export.verify import conditions
 from ecm.runtime.errors import ConfigError, ECMError
 from ecm.runtime.files import write_json
@@ -39,8 +40,6 @@ FORMAT = 1
 #: Procedural conditions for calibration: neither the training set (seed 0) nor the held-out one (1000).
 CALIB_SEED = 2000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-DEFAULT_SAMPLES = 32
-DEFAULT_BATCH = 8
 Bar = Callable[[Iterable[Any]], Iterable[Any]]
 
 

@@ -1,4 +1,7 @@
-"""``ecm-export``: checkpoints -> verified ONNX graphs (+ TensorRT plans where a GPU is present)."""
+"""``ecm-export``: checkpoints -> verified ONNX graphs (+ TensorRT plans where a GPU is present).
+
+The command sits above both export and calibration: int8 exports go through ``ecm.calibration``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 from pathlib import Path
 
 import click
+from ecm.calibration.options import DEFAULT_BATCH, DEFAULT_SAMPLES, REPORT_IMAGES, SCOPES, SMOOTH_ALPHA, CalibOptions
 from ecm.runtime.errors import ECMError, exit_on_error
 from ecm.runtime.manifest import PRECISIONS
 
@@ -58,16 +62,16 @@ def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: 
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="INT8 calibration: a folder of condition maps (as ecm-run --cond takes them) or of calibration "
                    "data recorded by an earlier int8 export. Default: procedural conditions.")
-@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--calib-samples", default=DEFAULT_SAMPLES, show_default=True, type=click.IntRange(min=1),
               help="INT8: generations recorded for calibration (each calibrates every scale).")
-@click.option("--calib-batch", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--calib-batch", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(min=1),
               help="INT8: generations per calibration batch (memory grows with it).")
-@click.option("--int8-scope", type=click.Choice(["linear", "all"]), default="linear", show_default=True,
+@click.option("--int8-scope", type=click.Choice(SCOPES), default="linear", show_default=True,
               help="INT8: 'linear' quantizes the linear layers but the vocabulary head; 'all' also the head and "
                    "the attention products.")
-@click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--smooth", default=SMOOTH_ALPHA, show_default=True, type=click.FloatRange(0, 1),
               help="INT8: SmoothQuant strength for the Q/DQ (TensorRT) graphs; 0 turns it off.")
-@click.option("--report-images", default=16, show_default=True, type=click.IntRange(min=1),
+@click.option("--report-images", default=REPORT_IMAGES, show_default=True, type=click.IntRange(min=1),
               help="INT8: held-out images of the fp32-vs-INT8 report (var_ecm.int8.json, var_ecm.int8.png).")
 @click.option("--no-build", is_flag=True, help="Stop after ONNX even where TensorRT and a GPU are present.")
 @click.option("--build-only", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -109,7 +113,7 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
     opts = ExportOptions(precision=precision, opset=opset, batch=batch, candidates=candidates,
                          static_scales=static_scales, sources={k: sha256(p) for k, p in sources.items()})
     if precision == "int8":
-        from ecm.calibration import CalibOptions, export_int8
+        from ecm.calibration.pipeline import export_int8
         from tqdm import tqdm
 
         calib_opts = CalibOptions(source=calib, samples=calib_samples, batch=calib_batch, scope=int8_scope,
