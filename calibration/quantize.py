@@ -3,10 +3,12 @@
 Two forms of the same quantization choices:
 
 * **Q/DQ** (:func:`quantize_qdq`) for TensorRT: static, symmetric INT8 (zero points 0), weights
-  per output channel, activation ranges from calibration data. ONNX Runtime runs it too, which is
+  per output channel, activations per tensor with ranges from calibration data, after
+  SmoothQuant has moved activation outliers into the weights. ONNX Runtime runs it too, which is
   how it is checked here.
-* **CPU** (:func:`quantize_cpu`): the same weights, activations quantized per call
-  (``DynamicQuantizeMatMul``), which ONNX Runtime's CPU kernels run faster than Q/DQ.
+* **CPU** (:func:`quantize_cpu`): ``MatMulNBits`` with 8-bit symmetric weights per block of
+  inputs and activations quantized per block on the fly, which ONNX Runtime's CPU kernels run
+  faster than Q/DQ (and which loses less than per-tensor activation ranges).
 
 Scope ``linear`` (default) quantizes the linear layers except the vocabulary head; attention
 (its two matrix products, softmax), the L2-normalisation, LayerNorm, the head and sampling stay
@@ -31,7 +33,7 @@ from ecm.runtime.files import readable
 from onnx import helper, numpy_helper
 
 HALF_MIN_ELEMENTS = 1 << 16  # fp32 weights at least this large are stored as fp16
-CPU_BLOCK = 128  # inputs per weight scale in the CPU form (32: as accurate here, 1.4x slower)
+CPU_BLOCK = 128  # inputs per weight scale in the CPU form (32: 1.4x slower on d16, no clear accuracy gain)
 CPU_ACCURACY = 4  # MatMulNBits: 4 = int8 products (activations quantized per block on the fly)
 Feeds = Callable[[], Iterable[dict[str, np.ndarray]]]  # a fresh iterator of graph inputs per call
 
@@ -206,7 +208,7 @@ def smooth(model: onnx.ModelProto, nodes: list[str], absmax: dict[str, np.ndarra
 
 @dataclass
 class Prepared:
-    """An fp32 graph ready for both INT8 forms: weights explicit, matrix products chosen, smoothed."""
+    """An fp32 graph ready for both INT8 forms: weights explicit, the matrix products to quantize chosen."""
 
     path: Path
     nodes: list[str]  # the matrix products to quantize
@@ -223,9 +225,9 @@ def prepare(src: Path, work: Path, scope: str = "linear") -> Prepared:
 
 
 def activation_ranges(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], ranges_path: Path,
-                      work: Path) -> int:
+                      work: Path) -> None:
     """Symmetric min/max of every input and output of the matrix products over ``feeds``, saved to
-    ``ranges_path`` (ONNX Runtime's calibration cache format); returns the number of feeds.
+    ``ranges_path`` (ONNX Runtime's calibration cache format).
 
     Ranges are merged after every feed, so memory holds one feed's activations however many
     there are (ONNX Runtime's own bounded mode drops the outputs it clears instead of merging).
@@ -255,7 +257,6 @@ def activation_ranges(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], 
     if count == 0:
         raise ECMError("no calibration data: the calibration set is empty")
     save_tensors_data(calibrator.compute_data(), ranges_path)
-    return count
 
 
 def quantize_qdq(prep: Prepared, dst: Path, feeds: Feeds, alpha: float = SMOOTH_ALPHA) -> None:
