@@ -5,11 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecm.runtime.errors import ConfigError
+
 SCOPES = ("linear", "all")  # what is quantized: see ecm.calibration.quantize
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength for the Q/DQ graphs; 0 turns smoothing off
 DEFAULT_SAMPLES = 32  # generations recorded for calibration
 DEFAULT_BATCH = 8  # generations per recorded batch
 REPORT_IMAGES = 16  # held-out images of the fp32-vs-INT8 report
+
+
+def check_scope(scope: str) -> None:
+    """Refuse an unknown quantization scope in one line."""
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown quantization scope {scope!r}; choose one of {', '.join(SCOPES)}")
 
 
 @dataclass

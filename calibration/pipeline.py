@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ecm.calibration.options import SCOPES, CalibOptions
+from ecm.calibration.options import CalibOptions, check_scope
 from ecm.calibration.quantize import prepare, quantize_cpu, quantize_qdq
 from ecm.calibration.record import calibration_set, check_source, control_feeds, step_feeds
 from ecm.calibration.report import int8_report
@@ -39,6 +39,7 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
                 calib: CalibOptions | None = None, progress: Progress = print,
                 bar: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> ExportResult:
     """An INT8 export of ``var`` (+ ``ecm``) into ``out_dir``: complete and verified, or untouched."""
+    out_dir = Path(out_dir)
     calib = calib or CalibOptions()
     cache = calib.cache or cache_dir() / "calibration"
 
@@ -79,11 +80,9 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
         if picture is not None:
             progress(f"fp32 | INT8 samples side by side: {out_dir / picture.name}")
 
-    if calib.scope not in SCOPES:
-        raise ConfigError(f"unknown quantization scope {calib.scope!r}; choose one of {', '.join(SCOPES)}")
+    check_scope(calib.scope)
     check_source(calib.source)
     if opts.static_scales:
         raise ConfigError("--static-scales is not available for int8 exports; its per-scale graphs are "
                           "exported in fp32 or fp16 only")
-    out_dir = Path(out_dir)
     return export_model(var, ecm, out_dir, replace(opts, precision="int8"), progress, quantize=quantize)

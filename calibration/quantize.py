@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from ecm.calibration.options import SCOPES, SMOOTH_ALPHA
+from ecm.calibration.options import SMOOTH_ALPHA, check_scope
 from ecm.runtime.errors import ECMError
 from ecm.runtime.files import readable
 from onnx import helper, numpy_helper
@@ -36,6 +36,12 @@ HALF_MIN_ELEMENTS = 1 << 16  # fp32 weights at least this large are stored as fp
 CPU_BLOCK = 128  # inputs per weight scale in the CPU form (32: 1.4x slower on d16, no clear accuracy gain)
 CPU_ACCURACY = 4  # MatMulNBits: 4 = int8 products (activations quantized per block on the fly)
 Feeds = Callable[[], Iterable[dict[str, np.ndarray]]]  # a fresh iterator of graph inputs per call
+
+
+def set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    """Replace the graph's nodes (a protobuf repeated field cannot be assigned)."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def load(path: Path) -> onnx.ModelProto:
@@ -64,8 +70,7 @@ def fold_constant_transposes(model: onnx.ModelProto) -> int:
             folded += 1
         else:
             kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
+    set_nodes(model, kept)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     unused = [t for t in model.graph.initializer if t.name not in used]
     for t in unused:
@@ -93,8 +98,7 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
         if has_bias:
             out.append(helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=n.name + "_bias"))
         count += 1
-    del model.graph.node[:]
-    model.graph.node.extend(out)
+    set_nodes(model, out)
     if count:
         del model.graph.value_info[:]  # the exporter's shape annotations describe the Gemm form
     return count
@@ -125,8 +129,7 @@ def head_matmul(model: onnx.ModelProto, output: str = "logits") -> str:
 
 def quantized_nodes(model: onnx.ModelProto, scope: str) -> list[str]:
     """The nodes quantized in ``scope`` (see the module docstring)."""
-    if scope not in SCOPES:
-        raise ECMError(f"unknown quantization scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    check_scope(scope)
     linear = [n.name for n in weight_matmuls(model)]
     if scope == "all":
         return linear + [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in linear]
@@ -145,9 +148,7 @@ def store_half(model: onnx.ModelProto, min_elements: int = HALF_MIN_ELEMENTS) ->
         model.graph.initializer.append(half)
         casts.append(helper.make_node("Cast", [half.name], [t.name], name=t.name + "_widen", to=onnx.TensorProto.FLOAT))
         count += 1
-    nodes = casts + list(model.graph.node)  # before every consumer: the graph stays topologically sorted
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    set_nodes(model, casts + list(model.graph.node))  # before every consumer: still topologically sorted
     return count
 
 
@@ -201,8 +202,7 @@ def smooth(model: onnx.ModelProto, nodes: list[str], absmax: dict[str, np.ndarra
     nodes_out = list(model.graph.node)
     for x, mul in sorted(muls, key=lambda xm: -producer.get(xm[0], -1)):
         nodes_out.insert(producer.get(x, -1) + 1, mul)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes_out)
+    set_nodes(model, nodes_out)
     return len(muls)
 
 

@@ -25,7 +25,7 @@ from ecm.calibration.options import DEFAULT_BATCH, DEFAULT_SAMPLES
 from ecm.export.verify import conditions
 from ecm.runtime.errors import ConfigError, ECMError
 from ecm.runtime.files import write_json
-from ecm.runtime.images import prepare_condition, read_image
+from ecm.runtime.images import IMAGE_SUFFIXES, prepare_condition, read_image
 from ecm.runtime.loop import Sampling, ScaleLoop, Trajectory
 from ecm.runtime.manifest import Manifest
 from ecm.runtime.ort_backend import OrtBackend
@@ -39,7 +39,6 @@ META_NAME = "calibration.json"
 FORMAT = 1
 #: Procedural conditions for calibration: neither the training set (seed 0) nor the held-out one (1000).
 CALIB_SEED = 2000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 Bar = Callable[[Iterable[Any]], Iterable[Any]]
 
 
