@@ -174,17 +174,22 @@ def channel_absmax(model_path: Path, tensors: list[str],
     return out
 
 
+def smoothable(model: onnx.ModelProto, nodes: list[str]) -> list[onnx.NodeProto]:
+    """The products among ``nodes`` that SmoothQuant can rescale: linear layers, whose weight takes the s."""
+    return [n for n in weight_matmuls(model) if n.name in nodes]
+
+
 def smooth(model: onnx.ModelProto, nodes: list[str], absmax: dict[str, np.ndarray], alpha: float = 0.5) -> int:
     """SmoothQuant: move activation outliers into the weights, exactly (x / s) (s W) = x W.
 
-    Per activation tensor feeding quantized matrix products, a Mul by 1/s goes before them and
+    Per activation tensor feeding quantized linear layers, a Mul by 1/s goes before them and
     every weight row is scaled by s, with s_j = max|x_j|^alpha / max|W_j|^(1 - alpha); per-tensor
     INT8 ranges of the activation then waste less on a few large channels. Returns the count.
     """
     inits = {t.name: t for t in model.graph.initializer}
     by_input: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        if n.name in nodes and n.input[0] in absmax:
+    for n in smoothable(model, nodes):
+        if n.input[0] in absmax:
             by_input.setdefault(n.input[0], []).append(n)
     muls = []
     for x, users in by_input.items():
@@ -268,7 +273,7 @@ def quantize_qdq(prep: Prepared, dst: Path, feeds: Feeds, alpha: float = SMOOTH_
         path = Path(tmp) / prep.path.name
         model = load(prep.path)
         if alpha > 0:
-            inputs = sorted({n.input[0] for n in model.graph.node if n.name in prep.nodes})
+            inputs = sorted({n.input[0] for n in smoothable(model, prep.nodes)})
             smooth(model, prep.nodes, channel_absmax(prep.path, inputs, feeds()), alpha)
         save(model, path)
         ranges = Path(tmp) / "ranges.json"

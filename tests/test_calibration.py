@@ -226,3 +226,23 @@ def test_int8_checks_its_options(tiny_pair, tiny_ecm, tmp_path):
     with pytest.raises(ECMError, match="static-scales"):
         export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(static_scales=True), **QUIET)
     assert not any(tmp_path.iterdir())
+
+
+def test_smoothing_leaves_products_of_two_activations_alone(tmp_path):
+    """Scope 'all' quantizes attention products too; only products with a weight can take SmoothQuant's s."""
+    rng = np.random.default_rng(1)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 4])
+    w = rng.normal(size=(8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="linear"),
+             helper.make_node("Transpose", ["x"], ["xt"], name="t"),
+             helper.make_node("MatMul", ["h", "xt"], ["y"], name="scores")]
+    src = tmp_path / "a.onnx"
+    save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(w, "w")])), src)
+    feed = {"x": rng.normal(size=(4, 8)).astype(np.float32)}
+    want = ort.InferenceSession(str(src)).run(None, feed)[0]
+    model = load(src)
+    assert smooth(model, ["linear", "scores"], channel_absmax(src, ["x", "h"], [feed])) == 1
+    out = tmp_path / "b.onnx"
+    save(model, out)
+    np.testing.assert_allclose(ort.InferenceSession(str(out)).run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
