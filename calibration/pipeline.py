@@ -1,8 +1,9 @@
 """``ecm-export --precision int8`` as a function.
 
 Export fp32 graphs, record (or reuse) eager generation trajectories, quantize the step graph and
-the control encoder to symmetric INT8 Q/DQ (for TensorRT) and to the INT8 form ONNX Runtime's CPU
-kernels run fastest, then verify both against the eager fp32 model and report what INT8 costs.
+the control encoder to symmetric INT8 Q/DQ for TensorRT (W8A8 where it keeps the calibration
+set's tokens, else weight-only W8A16) and to the INT8 form ONNX Runtime's CPU kernels run
+fastest, then verify both against the eager fp32 model and report what INT8 costs.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ecm.calibration.options import CalibOptions, check_scope
-from ecm.calibration.quantize import prepare, quantize_cpu, quantize_qdq
+from ecm.calibration.options import CalibOptions, check_activations, check_scope
+from ecm.calibration.quantize import prepare, quantize_cpu, quantize_qdq, quantize_weights, teacher_agreement
 from ecm.calibration.record import calibration_set, check_source, control_feeds, step_feeds
 from ecm.calibration.report import int8_report
 from ecm.export.pipeline import ExportOptions, ExportResult, Progress, export_model
@@ -28,11 +29,23 @@ from ecm.runtime.manifest import CPU_FORM, Manifest
 from ecm.adapters import ECM
 from ecm.var import VAR
 
+WEIGHT_ONLY_OPSET = 19  # DequantizeLinear with fp16 scales
 QUANTIZED_ROLES = ("step", "control")  # the decoder stays fp32: convolutions over few pixels, cheap
 
 
 def cpu_form_name(onnx_name: str) -> str:
     return onnx_name.removesuffix(".onnx") + ".cpu.onnx"
+
+
+def choose_activations(agreement: list[float], minimum: float, progress: Progress) -> str:
+    """INT8 activations if every scale keeps ``minimum`` teacher-forced agreement, else fp16 (weight-only)."""
+    per = " ".join(f"{100 * a:.1f}" for a in agreement)
+    if min(agreement) >= minimum:
+        progress(f"W8A8 keeps [{per}] % top-1 agreement on the calibration set: INT8 activations")
+        return "int8"
+    progress(f"W8A8 keeps only [{per}] % top-1 agreement on the calibration set (< {100 * minimum:.0f}% at some "
+             "scale): weight-only INT8 (W8A16) instead")
+    return "fp16"
 
 
 def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOptions,
@@ -44,7 +57,8 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
     cache = calib.cache or cache_dir() / "calibration"
 
     def quantize(tmp: Path, m: Manifest, progress: Progress) -> None:
-        cset = calibration_set(var, ecm, m, calib.source, cache, calib.samples, calib.batch, bar, progress)
+        cset = None if calib.activations == "fp16" else calibration_set(
+            var, ecm, m, calib.source, cache, calib.samples, calib.batch, bar, progress)
         fp32 = tmp / "fp32"  # the graphs as exported, for teacher forcing; gone before the export is committed
         fp32.mkdir()
         try:
@@ -53,7 +67,8 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
                     os.replace(path, fp32 / path.name)
             m.save(fp32)
             reference = Manifest.load(fp32)  # m itself gains the CPU forms below
-            for role in QUANTIZED_ROLES:
+            activations = calib.activations
+            for role in QUANTIZED_ROLES:  # the step first: with auto, its agreement decides the encoder's form too
                 if role not in m.graphs:
                     continue
                 name = m.graphs[role]
@@ -61,10 +76,18 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
                 def feeds(role: str = role) -> Iterator[dict[str, np.ndarray]]:
                     return step_feeds(cset, fp32, reference) if role == "step" else control_feeds(cset)
 
-                progress(f"quantizing {name} with {cset.meta.samples} calibration generations ...")
                 with tempfile.TemporaryDirectory(prefix="ecm-quant-") as work:
                     prep = prepare(fp32 / name, Path(work), calib.scope)
-                    quantize_qdq(prep, tmp / name, feeds, calib.smooth)
+                    if activations != "fp16":
+                        progress(f"quantizing {name} (W8A8) with {cset.meta.samples} calibration generations ...")
+                        quantize_qdq(prep, tmp / name, feeds, calib.smooth)
+                    if activations == "auto":
+                        activations = choose_activations(
+                            teacher_agreement(fp32 / name, tmp / name, feeds(), m.patch_nums),
+                            calib.min_agreement, progress)
+                    if activations == "fp16":
+                        progress(f"quantizing {name} (W8A16, weight-only) ...")
+                        quantize_weights(prep, tmp / name)
                     quantize_cpu(prep, tmp / cpu_form_name(name))
                 m.graphs[role + CPU_FORM] = cpu_form_name(name)
             for name in m.graphs.values():
@@ -73,14 +96,22 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
                         os.replace(path, tmp / path.name)
         finally:
             shutil.rmtree(fp32, ignore_errors=True)
+        m.quantization = {"scope": calib.scope, "activations": activations}
         m.save(tmp)
         progress(f"measuring INT8 against fp32 on {calib.report_images} held-out images ...")
-        report, picture = int8_report(tmp, var, ecm, calib.scope, calib.report_images)
+        report, picture = int8_report(tmp, var, ecm, calib.report_images)
         progress(report.summary())
         if picture is not None:
             progress(f"fp32 | INT8 samples side by side: {out_dir / picture.name}")
 
     check_scope(calib.scope)
+    check_activations(calib.activations)
+    if calib.source is not None and calib.activations == "fp16":
+        raise ConfigError("--calib has no use with --int8-activations fp16 (weight-only INT8 needs no calibration); "
+                          "leave it out or pick int8 or auto")
+    if calib.activations != "int8" and opts.opset < WEIGHT_ONLY_OPSET:
+        raise ConfigError(f"weight-only INT8 (W8A16) needs opset {WEIGHT_ONLY_OPSET} or later for its fp16 scales; "
+                          f"export with --opset {WEIGHT_ONLY_OPSET} or later, or use --int8-activations int8")
     check_source(calib.source)
     if opts.static_scales:
         raise ConfigError("--static-scales is not available for int8 exports; its per-scale graphs are "

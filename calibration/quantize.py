@@ -2,10 +2,13 @@
 
 Two forms of the same quantization choices:
 
-* **Q/DQ** (:func:`quantize_qdq`) for TensorRT: static, symmetric INT8 (zero points 0), weights
-  per output channel, activations per tensor with ranges from calibration data, after
-  SmoothQuant has moved activation outliers into the weights. ONNX Runtime runs it too, which is
-  how it is checked here.
+* **Q/DQ** for TensorRT, symmetric INT8 (zero points 0) with weights per output channel, in one
+  of two kinds. W8A8 (:func:`quantize_qdq`): activations per tensor too, with ranges from
+  calibration data after SmoothQuant has moved activation outliers into the weights; INT8 tensor
+  core GEMMs. W8A16 (:func:`quantize_weights`): weight-only, the layer runs in fp16 on weights
+  dequantized from INT8; half the weight traffic of fp16, which is what batch-1 generation on an
+  edge GPU waits for, and no activation ranges to get wrong. ONNX Runtime runs both, which is how
+  they are checked here (:func:`teacher_agreement`).
 * **CPU** (:func:`quantize_cpu`): ``MatMulNBits`` with 8-bit symmetric weights per block of
   inputs and activations quantized per block on the fly, which ONNX Runtime's CPU kernels run
   faster than Q/DQ (and which loses less than per-tensor activation ranges).
@@ -304,6 +307,65 @@ def quantize_cpu(prep: Prepared, dst: Path) -> None:
         model = quantizer.model.model
     store_half(model)
     save(model, dst)
+
+
+def quantize_weights(prep: Prepared, dst: Path) -> None:
+    """Weight-only INT8 Q/DQ (W8A16) of a prepared graph (opset 19 or later) into ``dst``.
+
+    Each quantized linear layer becomes Cast(x, fp16) -> MatMul(x, DequantizeLinear(W_int8, fp16
+    scale per output channel)) -> Cast(fp32): the fp16 export's layer, with INT8 weights.
+    """
+    model = load(prep.path)
+    inits = {t.name: t for t in model.graph.initializer}
+    chosen = {n.name for n in weight_matmuls(model)} & set(prep.nodes)
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    dequantized: dict[str, str] = {}  # weight -> its fp16 DequantizeLinear output
+    halves: dict[str, str] = {}  # activation -> its fp16 Cast
+    weights, nodes = [], []
+    for n in model.graph.node:
+        if n.name not in chosen:
+            nodes.append(n)
+            continue
+        w = n.input[1]
+        if w not in dequantized:
+            w_KN = numpy_helper.to_array(inits[w])
+            scale_N = np.maximum(np.abs(w_KN).max(axis=0) / 127, np.finfo(np.float16).tiny).astype(np.float16)
+            q_KN = np.clip(np.round(w_KN / scale_N.astype(np.float32)), -127, 127).astype(np.int8)
+            model.graph.initializer.remove(inits[w])
+            model.graph.initializer.extend([numpy_helper.from_array(q_KN, w + "_int8"),
+                                            numpy_helper.from_array(scale_N, w + "_scale"),
+                                            numpy_helper.from_array(np.zeros_like(q_KN[0]), w + "_zero")])
+            dequantized[w] = w + "_fp16"
+            weights.append(helper.make_node("DequantizeLinear", [w + "_int8", w + "_scale", w + "_zero"],
+                                            [dequantized[w]], name=w + "_dequantize", axis=1))
+        x = n.input[0]
+        if x not in halves:
+            halves[x] = x + "_fp16"
+            nodes.append(helper.make_node("Cast", [x], [halves[x]], name=x + "_to_fp16", to=f16))
+        out = n.output[0]
+        nodes.append(helper.make_node("MatMul", [halves[x], dequantized[w]], [out + "_fp16"], name=n.name))
+        nodes[-1].metadata_props.extend(n.metadata_props)
+        nodes.append(helper.make_node("Cast", [out + "_fp16"], [out], name=out + "_to_fp32", to=f32))
+    set_nodes(model, weights + nodes)  # weights first: still topologically sorted
+    store_half(model)
+    save(model, dst)
+
+
+def teacher_agreement(reference: Path, quantized: Path, feeds: Iterable[dict[str, np.ndarray]],
+                      patch_nums: tuple[int, ...]) -> list[float]:
+    """Per scale, how often the ``quantized`` step graph's guided top-1 token is the fp32
+    ``reference`` graph's, both fed the same inputs (``feeds``: every scale of recorded generations)."""
+    import onnxruntime as ort
+    from ecm.export.verify import guided_argmax
+
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (reference, quantized)]
+    same, total = np.zeros(len(patch_nums)), np.zeros(len(patch_nums))
+    for feed in feeds:
+        si = patch_nums.index(feed["x_in"].shape[-1])
+        want, got = (guided_argmax(s.run(["logits"], feed)[0], float(feed["cfg"][0])) for s in sessions)
+        same[si] += np.sum(want == got)
+        total[si] += want.size
+    return (same / np.maximum(total, 1)).tolist()
 
 
 @contextlib.contextmanager

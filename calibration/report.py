@@ -29,6 +29,7 @@ SHOWN = 8  # rows of the side-by-side picture
 class Int8Report:
     images: int
     scope: str
+    activations: str  # of the Q/DQ graphs' quantized layers: int8 (W8A8) or fp16 (W8A16)
     teacher_top1_qdq: list[float]  # per scale: the Q/DQ graphs (TensorRT's), run by ONNX Runtime
     teacher_top1_cpu: list[float]  # per scale: the CPU forms that ecm-run uses on the CPU
     f1_fp32: float | None  # Canny F1 of the eager fp32 samples (None without control)
@@ -48,8 +49,9 @@ class Int8Report:
 
     def summary(self) -> str:
         per = lambda xs: " ".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
+        kind = "W8A8" if self.activations == "int8" else "W8A16"
         lines = [f"INT8 vs fp32 on {self.images} held-out images (scope {self.scope}): teacher-forced top-1 "
-                 f"agreement per scale, Q/DQ [{per(self.teacher_top1_qdq)}] %, CPU form "
+                 f"agreement per scale, Q/DQ ({kind}) [{per(self.teacher_top1_qdq)}] %, CPU form "
                  f"[{per(self.teacher_top1_cpu)}] %"]
         if self.f1_change is not None:
             lines.append(f"Canny F1: fp32 {self.f1_fp32:.4f}, INT8 {self.f1_int8:.4f} ({100 * self.f1_change:+.1f}%), "
@@ -62,7 +64,7 @@ def mean_f1(images_NHW3: np.ndarray, cond_NHW3: np.ndarray) -> float:
     return float(np.mean([edge_f1(canny_edges(img), c[..., 0]) for img, c in zip(images_NHW3, cond_NHW3)]))
 
 
-def int8_report(folder: Path, var: VAR, ecm: ECM | None, scope: str, images: int = 16,
+def int8_report(folder: Path, var: VAR, ecm: ECM | None, images: int = 16,
                 ref: Reference | None = None) -> tuple[Int8Report, Path | None]:
     """Measure the INT8 export in ``folder``; writes the report and (with control) the picture there."""
     m = Manifest.load(folder)
@@ -75,7 +77,8 @@ def int8_report(folder: Path, var: VAR, ecm: ECM | None, scope: str, images: int
         rows = [[to_rgb_map(c[..., 0]), a, b] for c, a, b in zip(ref.cond[:SHOWN], ref.images, cpu_images)]
         picture = folder / PICTURE_NAME
         save_png(zoom(grid(rows), 3), picture)
-    report = Int8Report(len(ref.labels), scope, [s.teacher_top1_agreement for s in qdq.scales],
+    report = Int8Report(len(ref.labels), m.quantization["scope"], m.quantization["activations"],
+                        [s.teacher_top1_agreement for s in qdq.scales],
                         [s.teacher_top1_agreement for s in cpu.scales], *(f1 or (None, None, None)))
     write_json({**asdict(report), "worst_agreement": report.worst_agreement, "f1_change": report.f1_change},
                folder / REPORT_NAME)

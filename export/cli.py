@@ -9,7 +9,16 @@ import json
 from pathlib import Path
 
 import click
-from ecm.calibration.options import DEFAULT_BATCH, DEFAULT_SAMPLES, REPORT_IMAGES, SCOPES, SMOOTH_ALPHA, CalibOptions
+from ecm.calibration.options import (
+    ACTIVATIONS,
+    DEFAULT_BATCH,
+    DEFAULT_SAMPLES,
+    MIN_AGREEMENT,
+    REPORT_IMAGES,
+    SCOPES,
+    SMOOTH_ALPHA,
+    CalibOptions,
+)
 from ecm.runtime.errors import ECMError, exit_on_error
 from ecm.runtime.manifest import PRECISIONS
 
@@ -69,8 +78,13 @@ def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: 
 @click.option("--int8-scope", type=click.Choice(SCOPES), default="linear", show_default=True,
               help="INT8: 'linear' quantizes the linear layers but the vocabulary head; 'all' also the head and "
                    "the attention products.")
+@click.option("--int8-activations", type=click.Choice(ACTIVATIONS), default="auto", show_default=True,
+              help="INT8: inputs of the quantized layers in the TensorRT (Q/DQ) graphs. 'int8' (W8A8, INT8 tensor "
+                   "cores, per-tensor ranges from calibration), 'fp16' (W8A16, weight-only, needs no calibration), "
+                   f"'auto': int8 if it keeps {100 * MIN_AGREEMENT:.0f}% top-1 agreement with fp32 at every scale "
+                   "of the calibration set, else fp16.")
 @click.option("--smooth", default=SMOOTH_ALPHA, show_default=True, type=click.FloatRange(0, 1),
-              help="INT8: SmoothQuant strength for the Q/DQ (TensorRT) graphs; 0 turns it off.")
+              help="INT8: SmoothQuant strength for W8A8 Q/DQ (TensorRT) graphs; 0 turns it off.")
 @click.option("--report-images", default=REPORT_IMAGES, show_default=True, type=click.IntRange(min=1),
               help="INT8: held-out images of the fp32-vs-INT8 report (var_ecm.int8.json, var_ecm.int8.png).")
 @click.option("--no-build", is_flag=True, help="Stop after ONNX even where TensorRT and a GPU are present.")
@@ -78,7 +92,7 @@ def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: 
               help="Only build TensorRT plans for an existing export folder (run this on the target GPU).")
 @exit_on_error
 def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, candidates, static_scales, calib,
-         calib_samples, calib_batch, int8_scope, smooth, report_images, no_build, build_only) -> None:
+         calib_samples, calib_batch, int8_scope, int8_activations, smooth, report_images, no_build, build_only) -> None:
     """Export backbone + ECM adapters to ONNX (verified with ONNX Runtime) and TensorRT plans.
 
     With no arguments: the newest ecm-train result in this folder (else the embedded default
@@ -117,7 +131,7 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
         from tqdm import tqdm
 
         calib_opts = CalibOptions(source=calib, samples=calib_samples, batch=calib_batch, scope=int8_scope,
-                                  smooth=smooth, report_images=report_images)
+                                  activations=int8_activations, smooth=smooth, report_images=report_images)
         result = export_int8(var, ecm, out, opts, calib_opts, progress=click.echo,
                              bar=lambda it: tqdm(it, desc="calibration", unit="batch", dynamic_ncols=True))
     else:

@@ -69,7 +69,8 @@ def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None) -
               help="auto: TensorRT for .plan, ONNX Runtime otherwise.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime device (cuda needs onnxruntime-gpu).")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime CPU threads (0 = all cores).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0, os.cpu_count() or 1),
+              help="ONNX Runtime CPU threads (0 = all cores).")
 @click.option("-v", "--verbose", is_flag=True, help="Print per-scale timings.")
 @exit_on_error
 def main(engine, conds, control, labels, seed, temperature, cfg, top_k, top_p, num_images, batch, out, save_steps,
@@ -89,7 +90,7 @@ def main(engine, conds, control, labels, seed, temperature, cfg, top_k, top_p, n
         raise ECMError(f"{len(labels)} --class values for {len(conditions)} conditions; give one, or one per --cond")
     labels = labels * len(conditions) if len(labels) == 1 else labels
     is_trt = runner.name == "TensorRT"
-    B = batch or (m.batch if is_trt else min(num_images, MAX_CPU_BATCH))
+    B = (batch or m.batch) if is_trt else min(batch or MAX_CPU_BATCH, num_images)
     if is_trt and B != m.batch:
         raise ECMError(f"these plans are built for batch {m.batch}; drop --batch or re-export with --batch {B}")
     loop = ScaleLoop(m, runner, B)
@@ -114,7 +115,7 @@ def main(engine, conds, control, labels, seed, temperature, cfg, top_k, top_p, n
     else:
         save_png(grid([[zoom(im, factor) for im in row] for row in rows]), out)
     click.echo(f"wrote {out} ({total} image{'s' * (total > 1)}, {seconds / total:.3f} s per image, "
-               f"{runner.name} on {runner.device}, {m.precision})")
+               f"{runner.name} on {runner.device}, {m.precision_label(runner.device == 'cpu')})")
     if save_steps:
         steps_path = out.with_name(f"{out.stem}_steps.png")
         save_png(grid([[zoom(im, factor) for im in strip] for strip in strips]), steps_path)

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import ECMError
 from .files import write_json
+from .sampling import check_sampling
 from .scales import begin_ends, phi_table, total_tokens
 
 SCHEMA_VERSION = 2
@@ -72,6 +73,7 @@ class Manifest:
     adapter_heads: int = 0
     opset: int = 21
     tensorrt: dict[str, Any] | None = None  # version, compute capability and plan files, once built
+    quantization: dict[str, str] | None = None  # int8: scope, activations of the Q/DQ graphs (int8 or fp16)
     ecm_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -95,6 +97,14 @@ class Manifest:
     @property
     def phi_table(self) -> tuple[int, ...]:
         return phi_table(self.num_scales, self.num_phi)
+
+    def precision_label(self, cpu: bool = False) -> str:
+        """The precision of the graphs a runtime runs, as a person reads it: 'fp16', 'int8 (W8A16 Q/DQ)', ..."""
+        if self.quantization is None:
+            return self.precision
+        if cpu and any(role + CPU_FORM in self.graphs for role in RUNTIME_ROLES):
+            return f"{self.precision} (CPU form)"
+        return f"{self.precision} (W8A{8 if self.quantization.get('activations') == 'int8' else 16} Q/DQ)"
 
     def runtime_graphs(self, cpu: bool = False) -> dict[str, str]:
         """Role -> file of the graphs a runtime loads; with ``cpu``, CPU forms stand in for their roles."""
@@ -206,10 +216,11 @@ class Manifest:
         """Parse and check a manifest dict; a wrong version or a broken field is a ManifestError."""
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ManifestError(f"{where} has schema version {version}, this ecm reads version {SCHEMA_VERSION}; "
+            raise ManifestError(f"{where} has schema version {version!r}, this ecm reads version {SCHEMA_VERSION}; "
                                 "re-export with this version's ecm-export")
         names = {f.name for f in fields(cls)}
-        optional = {"sources", "opset", "tensorrt", "ecm_version", "adapter_layers", "adapter_dim", "adapter_heads"}
+        optional = {"sources", "opset", "tensorrt", "quantization", "ecm_version", "adapter_layers", "adapter_dim",
+                    "adapter_heads"}
         missing = sorted(n for n in names if n not in d and n not in optional)
         if missing:
             raise ManifestError(f"{where} lacks {', '.join(missing)}; re-export with ecm-export")
@@ -219,11 +230,13 @@ class Manifest:
             if kw["control"] is not None:
                 kw["control"] = ControlSpec(**kw["control"])
             m = cls(**kw)
-            m.step_inputs(0)
-        except (TypeError, ValueError, KeyError, IndexError) as e:
+        except TypeError as e:
             raise ManifestError(f"{where} is malformed ({e}); re-export with ecm-export") from None
         if m.precision not in PRECISIONS:
             raise ManifestError(f"{where} has unknown precision {m.precision!r}; re-export with ecm-export")
+        problems = _problems(m)
+        if problems:
+            raise ManifestError(f"{where} has invalid {'; '.join(problems[:3])}; re-export with ecm-export")
         if "scales" in d and d["scales"] != m.to_dict()["scales"]:
             raise ManifestError(f"{where}: recorded shapes do not match its model facts (edited by hand?); "
                                 "re-export with ecm-export")
@@ -244,6 +257,52 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"manifest {path} is not a JSON object; re-export with ecm-export")
         return cls.from_dict(d, where=str(path))
+
+
+_COUNTS = ("vocab_size", "num_classes", "image_size", "latent_channels", "embed_dim", "num_heads", "cache_layers",
+           "num_phi", "batch", "candidates")
+_SIZES = ("adapter_layers", "adapter_dim", "adapter_heads", "opset")
+
+
+def _count(value: Any, low: int = 1) -> bool:
+    return type(value) is int and value >= low
+
+
+def _problems(m: Manifest) -> list[str]:
+    """The fields of a parsed manifest that no export writes: types and ranges the runtime relies on."""
+    bad = [f"{n} {getattr(m, n)!r}" for n in _COUNTS if not _count(getattr(m, n))]
+    bad += [f"{n} {getattr(m, n)!r}" for n in _SIZES if not _count(getattr(m, n), 0)]
+    pn = m.patch_nums
+    if not (len(pn) >= 2 and all(_count(p) for p in pn) and list(pn) == sorted(set(pn))):
+        bad.append(f"patch_nums {list(pn)!r} (increasing sides, at least two)")
+    if bad:  # the checks below compute with these
+        return bad
+    if m.embed_dim % m.num_heads:
+        bad.append(f"embed_dim {m.embed_dim} (not a multiple of num_heads, {m.num_heads})")
+    if m.candidates > m.vocab_size:
+        bad.append(f"candidates {m.candidates} (more than the vocabulary, {m.vocab_size})")
+    c = m.control
+    if c is not None and not (isinstance(c.type, str) and _count(c.resolution) and _count(c.canny_low, 0)
+                              and _count(c.canny_high, 0)):
+        bad.append(f"control {asdict(c)!r}")
+    if c is not None and not (m.adapter_layers and m.adapter_heads and m.adapter_dim % m.adapter_heads == 0):
+        bad.append("adapter facts (layers, width and heads of the control adapters)")
+    roles = {"step", "decoder"} | ({"control"} if c is not None else set())
+    if not (isinstance(m.graphs, dict) and roles <= set(m.graphs) and all(
+            isinstance(v, str) and Path(v).name == v and not v.startswith(".") for v in m.graphs.values())):
+        bad.append(f"graphs {m.graphs!r} (file names for {', '.join(sorted(roles))})")
+    if not all(isinstance(getattr(m, n), t) for n, t in (("sources", dict), ("tensorrt", (dict, type(None))),
+                                                         ("quantization", (dict, type(None))), ("ecm_version", str))):
+        bad.append("sources, tensorrt, quantization or ecm_version")
+    if not (type(m.cfg) in (int, float) and type(m.top_k) is int and type(m.top_p) in (int, float)
+            and isinstance(m.temperature, str)):
+        bad.append("sampling defaults (cfg, top_k, top_p, temperature)")
+    else:
+        try:
+            check_sampling(m.cfg, m.top_k, m.top_p, m.temperature)
+        except ECMError as e:
+            bad.append(f"sampling defaults ({e})")
+    return bad
 
 
 def _jsonable(specs: dict[str, TensorSpec]) -> dict[str, list[Any]]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from numpy.random import default_rng  # here, not in the first run: it pages in OpenSSL (hashlib, via secrets)
+
+from .errors import ConfigError
+from .schedule import parse_temperature
 
 
 def draw_uniforms(seed: int, batch: int, patch_nums: tuple[int, ...]) -> list[np.ndarray]:
@@ -15,7 +21,7 @@ def draw_uniforms(seed: int, batch: int, patch_nums: tuple[int, ...]) -> list[np
     """
     per_image = []
     for j in range(batch):
-        rng = np.random.default_rng(seed + j)
+        rng = default_rng(seed + j)
         per_image.append([1.0 - rng.random(pn * pn, dtype=np.float64) for pn in patch_nums])
     return [np.stack([img[si] for img in per_image]).astype(np.float32).reshape(batch, -1)
             for si in range(len(patch_nums))]
@@ -35,3 +41,14 @@ DEFAULT_ECM_TEMPERATURE = "1.0:0.8"
 def cfg_weight(cfg: float, si: int, num_scales: int) -> float:
     """The official linear guidance ramp: t = cfg * si / (K - 1)."""
     return cfg * si / (num_scales - 1)
+
+
+def check_sampling(cfg: float, top_k: int, top_p: float, temperature: str) -> None:
+    """Refuse settings no generation can use, in the same words for eager models and engines."""
+    if not math.isfinite(cfg):
+        raise ConfigError(f"cfg {cfg} must be a finite number")
+    if top_k < 0:
+        raise ConfigError(f"top-k {top_k} must be >= 0 (0 turns it off)")
+    if not 0 <= top_p <= 1:
+        raise ConfigError(f"top-p {top_p} must lie in [0, 1] (0 turns it off)")
+    parse_temperature(temperature)

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from ecm.calibration import CalibOptions, export_int8
+from ecm.calibration.pipeline import choose_activations
 from ecm.calibration.quantize import (
     channel_absmax,
     gemms_to_matmuls,
@@ -20,6 +21,7 @@ from ecm.calibration.quantize import (
     save,
     smooth,
     store_half,
+    teacher_agreement,
 )
 from ecm.calibration.record import META_NAME, calibration_set, model_fingerprint, step_feeds
 from ecm.calibration.report import PICTURE_NAME, REPORT_NAME
@@ -42,9 +44,21 @@ def calib_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def int8_export(tiny_pair, tiny_ecm, calib_cache, tmp_path_factory):
+    """W8A8 Q/DQ graphs (INT8 activations, calibrated) beside the CPU forms."""
     out = tmp_path_factory.mktemp("int8")
-    return export_int8(tiny_pair[1], tiny_ecm, out, ExportOptions(), CalibOptions(samples=4, batch=2, cache=calib_cache,
-                                                                                  report_images=4), **QUIET)
+    return export_int8(tiny_pair[1], tiny_ecm, out, ExportOptions(),
+                       CalibOptions(samples=4, batch=2, cache=calib_cache, activations="int8", report_images=4),
+                       **QUIET)
+
+
+@pytest.fixture(scope="session")
+def weight_only_export(tiny_pair, tiny_ecm, tmp_path_factory):
+    """W8A16 Q/DQ graphs: weight-only, so no calibration (its cache must stay empty)."""
+    out, cache = tmp_path_factory.mktemp("int8-w8a16"), tmp_path_factory.mktemp("unused-cache")
+    result = export_int8(tiny_pair[1], tiny_ecm, out, ExportOptions(),
+                         CalibOptions(cache=cache, activations="fp16", report_images=4), **QUIET)
+    assert not any(cache.iterdir())
+    return result
 
 
 def test_int8_export_holds_both_forms_and_verifies(int8_export):
@@ -74,8 +88,11 @@ def test_int8_export_holds_both_forms_and_verifies(int8_export):
     assert int8_export.report.scales[0].teacher_top1_agreement >= 0.75
 
 
-def test_qdq_graphs_use_only_what_tensorrt_accepts(int8_export):
-    folder = int8_export.folder
+@pytest.mark.parametrize("export", ["int8_export", "weight_only_export"])
+def test_qdq_graphs_use_only_what_tensorrt_accepts(export, request):
+    result = request.getfixturevalue(export)
+    folder, w8a8 = result.folder, export == "int8_export"
+    assert result.manifest.quantization == {"scope": "linear", "activations": "int8" if w8a8 else "fp16"}
     for name in ("var_ecm.onnx", "var_ecm.control.onnx"):
         assert graph_problems(folder / name) == []
         model = load(folder / name)
@@ -88,6 +105,33 @@ def test_qdq_graphs_use_only_what_tensorrt_accepts(int8_export):
         weights = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits]
         assert weights and all(inits[n.input[0]].dtype == np.int8 for n in weights)
         assert all(inits[n.input[1]].ndim == 1 for n in weights)  # weights: one scale per output channel
+        # W8A8 quantizes activations too; W8A16 only dequantizes weights, to fp16 (its scales' type)
+        assert any(n.op_type == "QuantizeLinear" for n in qdq) == w8a8
+        assert {inits[n.input[1]].dtype for n in weights} == {np.dtype(np.float32 if w8a8 else np.float16)}
+
+
+def test_weight_only_graphs_follow_fp32_closely(weight_only_export, int8_export):
+    """W8A16 loses less than W8A8: no activation ranges (a test of the rewrite, not of TensorRT)."""
+    w8a16 = json.loads((weight_only_export.folder / REPORT_NAME).read_text())
+    w8a8 = json.loads((int8_export.folder / REPORT_NAME).read_text())
+    assert w8a16["activations"] == "fp16" and w8a8["activations"] == "int8"
+    assert min(w8a16["teacher_top1_qdq"]) >= 0.9
+    assert np.mean(w8a16["teacher_top1_qdq"]) >= np.mean(w8a8["teacher_top1_qdq"])
+
+
+def test_teacher_agreement_and_the_auto_choice(tiny_pair, tiny_ecm, int8_export, weight_only_export, calib_cache,
+                                               fp32_export):
+    var, m = tiny_pair[1], int8_export.manifest
+    cset = calibration_set(var, tiny_ecm, m, None, calib_cache, samples=4, batch=2, **QUIET)
+    fp32 = fp32_export.folder
+    step = fp32 / "var_ecm.onnx"
+    feeds = list(step_feeds(cset, fp32, Manifest.load(fp32)))
+    assert teacher_agreement(step, step, feeds, m.patch_nums) == [1.0] * m.num_scales
+    w8a16 = teacher_agreement(step, weight_only_export.folder / "var_ecm.onnx", feeds, m.patch_nums)
+    assert len(w8a16) == m.num_scales and min(w8a16) >= 0.9
+    lines = []
+    assert choose_activations([0.99, 0.96], 0.95, lines.append) == "int8" and "INT8 activations" in lines[-1]
+    assert choose_activations([0.99, 0.90], 0.95, lines.append) == "fp16" and "W8A16" in lines[-1]
 
 
 def test_the_tensorrt_check_refuses_bad_qdq(tmp_path):
@@ -225,6 +269,14 @@ def test_int8_checks_its_options(tiny_pair, tiny_ecm, tmp_path):
         export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(), CalibOptions(scope="most"), **QUIET)
     with pytest.raises(ECMError, match="static-scales"):
         export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(static_scales=True), **QUIET)
+    with pytest.raises(ECMError, match="unknown INT8 activation precision"):
+        export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(), CalibOptions(activations="int4"), **QUIET)
+    with pytest.raises(ECMError, match="--calib has no use with --int8-activations fp16"):
+        export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(),
+                    CalibOptions(source=tmp_path, activations="fp16"), **QUIET)
+    with pytest.raises(ECMError, match="needs opset 19"):
+        export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(opset=17), CalibOptions(activations="fp16"),
+                    **QUIET)
     assert not any(tmp_path.iterdir())
 
 

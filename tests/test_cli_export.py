@@ -43,6 +43,7 @@ def test_export_picks_the_latest_training_run(tmp_path, monkeypatch):
     (["--calib", "."], "--calib calibrates INT8 exports"),
     (["--precision", "int8", "--calib", "/nonexistent/maps"], "does not exist or is not a folder"),
     (["--precision", "int8", "--calib", "."], "holds no images"),
+    (["--precision", "int8", "--int8-activations", "fp16", "--calib", "."], "--calib has no use"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
