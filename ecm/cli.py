@@ -49,7 +49,8 @@ def _run_options(fn):
     for option in reversed([
         click.option("--num-images", default=4096, type=POSITIVE, show_default=True,
                      help="Size of the procedural set (ignored with --data)."),
-        click.option("--seed", default=0, show_default=True, help="Seed of data order, initialisation and dropout."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Seed of data order, initialisation and dropout."),
         click.option("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available)."),
         click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
     ]):
@@ -89,12 +90,12 @@ def pretrain(data, out, vae_preset, var_preset, vae_steps, var_steps, vae_batch,
     from ecm.train import TrainSpec, dump_config, setup_distributed
 
     _check_out(out, resume)
+    vae_spec = TrainSpec(steps=vae_steps, batch=vae_batch, lr=vae_lr, seed=seed)
+    var_spec = TrainSpec(steps=var_steps, batch=var_batch, lr=var_lr, seed=seed + 1)
     vae_cfg = vqvae_config(vae_preset)
     ds = _dataset(data, vae_cfg.resolution, num_images, seed)
     var_cfg = var_config(var_preset, vae=vae_cfg, num_classes=len(ds.classes))
     dist = setup_distributed(_device(device))
-    vae_spec = TrainSpec(steps=vae_steps, batch=vae_batch, lr=vae_lr, seed=seed)
-    var_spec = TrainSpec(steps=var_steps, batch=var_batch, lr=var_lr, seed=seed + 1)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(out, command="ecm-pretrain", data=data or "procedural", vae=vae_cfg, var=var_cfg,
                 vae_spec=vae_spec, var_spec=var_spec, num_images=num_images)
@@ -143,6 +144,7 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
 
     out = out or Path("runs") / f"ecm-{control.replace(':', '-')}"
     _check_out(out, resume)
+    spec = TrainSpec(steps=steps, batch=batch, lr=lr, seed=seed)
     vae, var = load_backbone(vae_path, var_path)
     ctrl = Control(control, Path(control_dir) if control_dir else None, vae.config.resolution, canny_low, canny_high)
     if ctrl.from_folder and data is None:
@@ -156,7 +158,6 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
     ecm = ECM(ecm_config(var.config, vae.config.downsample, preset, control=control, canny_low=canny_low,
                          canny_high=canny_high)).to(dist.device)
     var.to(dist.device), vae.to(dist.device)
-    spec = TrainSpec(steps=steps, batch=batch, lr=lr, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(out, command="ecm-train", control=control, data=data or "procedural", vae=vae_path or "default",
                 var=var_path or "default", ecm=ecm.config, spec=spec, early_centric=early_centric,
@@ -179,7 +180,7 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
 @click.option("--top-p", default=DEFAULT_TOP_P, show_default=True, help="Top-p (nucleus) sampling.")
 @click.option("--temperature", default=DEFAULT_ECM_TEMPERATURE, show_default=True,
               help="Temperature schedule: T, A:B, A:B@k or linear:A:B.")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed.")
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=Path("ecm_eval.png"),
               show_default=True, help="PNG grid: condition | ECM | edge overlay | backbone alone.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -197,9 +198,9 @@ def evaluate(ecm_path, vae_path, var_path, data, num_images, cfg, top_k, top_p, 
     from ecm.default_model import HELD_OUT_SEED, default_paths, load_backbone
     from ecm.evaluate import evaluate as run
     from ecm.runtime.files import write_json
-    from ecm.runtime.schedule import parse_temperature
+    from ecm.runtime.sampling import check_sampling
 
-    parse_temperature(temperature)
+    check_sampling(cfg, top_k, top_p, temperature)
     vae, var = load_backbone(vae_path, var_path)
     ecm, meta = load_ecm(ecm_path or default_paths()[2], var)
     if meta.get("control") != "canny":

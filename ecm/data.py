@@ -55,7 +55,7 @@ class ImageFolder:
         try:
             with Image.open(path) as img:
                 return preprocess(img, self.resolution), label
-        except OSError as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ECMError(f"cannot read image {path} ({e}); remove or replace it") from None
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ecm.checkpoint import atomic_path
-from ecm.runtime.errors import CheckpointError, ECMError
+from ecm.runtime.errors import CheckpointError, ConfigError, ECMError
 
 
 @dataclass
@@ -41,6 +41,10 @@ class TrainSpec:
     grad_clip: float = 2.0
     seed: int = 0
     save_every: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"learning rate {self.lr} must be a finite number > 0")
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -100,9 +104,9 @@ def fit(task: nn.Module, spec: TrainSpec, out_dir: Path, save: Callable[[int], N
         dist: Dist | None = None, resume_from: int | None = None) -> list[dict[str, float]]:
     """Train the trainable parameters of ``task``; returns the log records of this call.
 
-    ``task(step, rng)`` returns (loss, tokens in the batch); ``save(step)`` writes the weights.
-    The optimizer state and step go to ``out_dir/train_state.pt``; the log to ``out_dir/log.jsonl``.
-    ``resume_from`` is the step of the weights the caller loaded: the optimizer state must match it.
+    ``task(step, rng)`` returns (loss, tokens in the batch); ``save(step)`` writes the weights, then
+    ``out_dir/train_state.pt`` takes the resume point (see :func:`save_train_state`); the log goes to
+    ``out_dir/log.jsonl``. ``resume_from`` is the step of the weights the caller loaded.
     """
     out_dir, dist = Path(out_dir), dist or Dist()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,10 +117,7 @@ def fit(task: nn.Module, spec: TrainSpec, out_dir: Path, save: Callable[[int], N
                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
     start = 0
     if resume_from is not None:
-        start = load_train_state(out_dir, opt, spec)
-        if start != resume_from:
-            raise CheckpointError(f"{out_dir}: the weights are from step {resume_from} but the optimizer state from "
-                                  f"step {start} (the run stopped between the two writes); start the run again")
+        start = load_train_state(out_dir, task, opt, spec, resume_from)
         if dist.main:
             trim_log(out_dir / "log.jsonl", start)
     model: nn.Module = task
@@ -153,38 +154,57 @@ def fit(task: nn.Module, spec: TrainSpec, out_dir: Path, save: Callable[[int], N
                 log.flush()
                 if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
                     save(step + 1)
-                    save_train_state(out_dir, opt, step + 1, spec)
+                    save_train_state(out_dir, task, opt, step + 1, spec)
     return records
 
 
-def save_train_state(out_dir: Path, opt: torch.optim.Optimizer, step: int, spec: TrainSpec) -> None:
-    """Optimizer state, step and settings: what ``--resume`` needs besides the weights."""
+def save_train_state(out_dir: Path, task: nn.Module, opt: torch.optim.Optimizer, step: int, spec: TrainSpec) -> None:
+    """What ``--resume`` needs, in one atomic file: the trained weights, optimizer state, step and settings.
+
+    Written after the weights file, so a run stopped between the two writes resumes from here.
+    """
     with atomic_path(out_dir / "train_state.pt") as tmp:
-        torch.save({"step": step, "optimizer": opt.state_dict(), "spec": asdict(spec)}, tmp)
+        torch.save({"step": step, "model": task.state_dict(), "optimizer": opt.state_dict(), "spec": asdict(spec)},
+                   tmp)
 
 
-def load_train_state(out_dir: Path, opt: torch.optim.Optimizer, spec: TrainSpec) -> int:
-    """Restore the optimizer; refuse settings that differ from the run's (more steps are fine)."""
+def load_train_state(out_dir: Path, task: nn.Module, opt: torch.optim.Optimizer, spec: TrainSpec,
+                     weights_step: int) -> int:
+    """Restore the weights and optimizer of the last resume point; refuse settings that differ from the
+    run's (more steps are fine). ``weights_step``: the step of the weights file the caller loaded."""
     path = out_dir / "train_state.pt"
     if not path.is_file():
         raise CheckpointError(f"nothing to resume in {out_dir}: no train_state.pt; start without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        if "model" in state:  # the weights file may be a save ahead of this state: take the state's weights
+            task.load_state_dict(state["model"])
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"cannot resume from {path} ({str(e)[:120]}); delete it to start over") from None
+    if "model" not in state and step != weights_step:  # written by an ecm that kept the weights apart
+        raise CheckpointError(f"{out_dir}: the weights are from step {weights_step} but the optimizer state from "
+                              f"step {step} (the run stopped between the two writes); start the run again")
     saved = {k: v for k, v in state.get("spec", {}).items() if k != "steps"}
     changed = [f"{k} {v} -> {getattr(spec, k)}" for k, v in saved.items() if getattr(spec, k, v) != v]
     if changed:
         raise CheckpointError(f"--resume with other settings than the run in {out_dir} ({', '.join(changed)}); "
                               "resume with the original ones")
-    return int(state["step"])
+    return step
 
 
 def trim_log(path: Path, step: int) -> None:
-    """Drop log records past ``step`` (written after the last checkpoint of a stopped run)."""
+    """Drop log records past ``step`` (written after the last checkpoint of a stopped run), and any line
+    the stop left unfinished."""
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the stop
+                continue
         with atomic_path(path) as tmp:
             tmp.write_text("".join(f"{line}\n" for line in keep))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,5 +72,17 @@ def default_engine(progress: Callable[[str], None] = print) -> Path:
                        "pip install 'ecm[train,export,cpu]', or pass --engine with an ecm-export folder") from None
     progress(f"exporting the embedded default model to ONNX once, into {folder} ...")
     _, var, ecm = load_default()
-    export_model(var, ecm, folder, ExportOptions(precision="fp32"), progress=progress)
+    # Exported beside the cache and renamed into place whole: a run starting meanwhile never sees a folder in the
+    # middle of an export, and of two first runs at once, the one that finishes second uses the first one's.
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+    try:
+        export_model(var, ecm, staging, ExportOptions(precision="fp32"), progress=progress)
+        try:
+            os.rename(staging, folder)
+        except OSError as e:
+            if not (folder / MANIFEST_NAME).is_file():
+                raise ECMError(f"cannot move the default model's export into {folder} ({e.strerror or e}); "
+                               "delete that folder and run again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -15,11 +15,20 @@ from .files import atomic_path
 from .manifest import ControlSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+#: Longest side / shortest side that :func:`preprocess` resizes whole; of a longer strip only the middle counts.
+MAX_ASPECT = 64
 
 
 def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
     """The official VAR evaluation preprocessing: shorter side to round(1.125 x res) with Lanczos,
-    then a centre crop, with torchvision's Resize / CenterCrop arithmetic. Returns uint8 (H, W, 3)."""
+    then a centre crop, with torchvision's Resize / CenterCrop arithmetic. Returns uint8 (H, W, 3).
+
+    A strip longer than ``MAX_ASPECT`` : 1 is first cut to its middle, so a small file of 1 x 100000
+    pixels cannot blow up into gigabytes at the resize; the centre crop never reaches the part cut."""
+    w, h = img.size
+    cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+    if (cw, ch) != (w, h):
+        img = img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
     img = to_rgb(img)
     mid = round(resolution * 1.125)
     w, h = img.size
@@ -50,7 +59,9 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ECMError(f"cannot read {path}: {str(e).rstrip('.')}; pass a smaller image") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ECMError(f"cannot read {path} as an image ({type(e).__name__}); pass a PNG or JPEG") from None
     return img
 

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import ConfigError
 from .manifest import Manifest
 from .resample import area_matrix, bicubic_matrix
-from .sampling import cfg_weight, draw_uniforms
+from .sampling import cfg_weight, check_sampling, draw_uniforms
 from .scales import begin_ends, total_tokens
 from .schedule import parse_temperature
 
@@ -84,14 +84,10 @@ class Sampling:
         return s
 
     def check(self, m: Manifest) -> None:
-        if self.top_k < 0:
-            raise ConfigError(f"top-k {self.top_k} must be >= 0 (0 turns it off)")
+        check_sampling(self.cfg, self.top_k, self.top_p, self.temperature)
         if m.candidates < m.vocab_size and not 0 < self.top_k <= m.candidates:
             raise ConfigError(f"top-k {self.top_k} is outside 1..{m.candidates}, the candidates this export sorts; "
                               "pick a smaller top-k or re-export with a larger --candidates")
-        if not 0 <= self.top_p <= 1:
-            raise ConfigError(f"top-p {self.top_p} must lie in [0, 1] (0 turns it off)")
-        parse_temperature(self.temperature)
 
 
 def scale_constants(m: Manifest, si: int, s: Sampling) -> Arrays:
@@ -141,16 +137,20 @@ class ScaleLoop:
         B = self.batch = manifest.batch if batch is None else batch
         L, Cv, HW, V = total_tokens(m.patch_nums), m.latent_channels, m.latent_size, m.vocab_size
         alloc = backend.alloc
-        self.cache_k, self.cache_v = alloc(m.kv_shape(L, B), m.kv_dtype), alloc(m.kv_shape(L, B), m.kv_dtype)
-        if m.control is not None:
-            self.cache_ak = alloc(m.adapter_kv_shape(L, B), m.kv_dtype)
-            self.cache_av = alloc(m.adapter_kv_shape(L, B), m.kv_dtype)
-        self.f_hat = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]  # ping-pong: in, out
-        self.x = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]
-        self.logits = alloc((2 * B, HW * HW, V), "float32")
-        self.tokens = alloc((B, HW * HW), "int64")
-        self.ctrl = alloc((L, B, m.adapter_dim), "float32") if m.control is not None else None
-        self.image = alloc((B, m.image_size, m.image_size, 3), "uint8")
+        try:
+            self.cache_k, self.cache_v = alloc(m.kv_shape(L, B), m.kv_dtype), alloc(m.kv_shape(L, B), m.kv_dtype)
+            if m.control is not None:
+                self.cache_ak = alloc(m.adapter_kv_shape(L, B), m.kv_dtype)
+                self.cache_av = alloc(m.adapter_kv_shape(L, B), m.kv_dtype)
+            self.f_hat = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]  # ping-pong: in, out
+            self.x = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]
+            self.logits = alloc((2 * B, HW * HW, V), "float32")
+            self.tokens = alloc((B, HW * HW), "int64")
+            self.ctrl = alloc((L, B, m.adapter_dim), "float32") if m.control is not None else None
+            self.image = alloc((B, m.image_size, m.image_size, 3), "uint8")
+        except MemoryError:
+            raise ConfigError(f"not enough memory for a batch of {B} ({m.kv_cache_bytes(B) / 2**30:.1f} GiB of KV "
+                              "cache alone); lower --batch") from None
         self._constants: dict[Sampling, list[dict[str, Any]]] = {}
 
     def constants(self, sampling: Sampling) -> list[dict[str, Any]]:

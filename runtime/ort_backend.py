@@ -18,6 +18,9 @@ from .errors import ECMError
 from .manifest import Manifest
 from .memory import return_freed_memory
 
+#: ONNX Runtime's names of the element types in manifests.
+_ORT_TYPES = {"float32": "float", "float16": "float16", "int64": "int64", "uint8": "uint8"}
+
 
 class OrtBackend:
     """Runs the ONNX graphs listed in a manifest with ONNX Runtime."""
@@ -42,7 +45,7 @@ class OrtBackend:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # errors reach the user as exceptions, in one line: no log lines besides
         # Idle worker threads spinning for work cost more than they save between the many small ops of
         # a scale (measured: 1.9x slower on two shared cores); let them sleep.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -67,6 +70,25 @@ class OrtBackend:
             if self.sessions[role].get_providers()[0] != providers[0]:
                 raise ECMError(f"ONNX Runtime could not start {providers[0]} (CUDA libraries missing?); "
                                "fix the CUDA installation or use --device cpu")
+            self._check_io(role, path)
+
+    def _check_io(self, role: str, path: Path) -> None:
+        """Refuse a graph whose tensors are not those the manifest describes (a file of another export)."""
+        m, sess = self.manifest, self.sessions[role]
+        want = {"step": lambda: {**m.step_inputs(0), **m.step_outputs(0)},
+                "control": lambda: {**m.control_inputs(), **m.control_outputs()},
+                "decoder": lambda: {**m.decoder_inputs(), **m.decoder_outputs()}}[role]()
+        got = {a.name: a for a in (*sess.get_inputs(), *sess.get_outputs())}
+        problems = [f"it has no tensor {name!r}" for name in want if name not in got]
+        problems += [f"it has an unknown tensor {name!r}" for name in got if name not in want]
+        for name, (shape, dtype) in want.items():
+            arg = got.get(name)
+            if arg is not None and (arg.type != f"tensor({_ORT_TYPES[dtype]})" or len(arg.shape) != len(shape) or any(
+                    isinstance(g, int) and g != w for g, w in zip(arg.shape, shape))):
+                problems.append(f"{name} is {arg.type} {arg.shape}, the manifest says {dtype} {list(shape)}")
+        if problems:
+            raise ECMError(f"{path.name} does not fit the manifest beside it ({problems[0]}); the folder mixes files "
+                           "of different exports: re-export with ecm-export")
 
     # ------------------------------------------------------------------------------ buffers
     def alloc(self, shape: tuple[int, ...], dtype: str) -> Any:

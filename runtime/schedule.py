@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 _HELP = "use T, A:B, A:B@k or linear:A:B (for example 1.0, 1.0:0.8, 1.0:0.8@6, linear:1.0:0.8)"
+#: Temperatures the float32 graphs divide logits by without overflow (below, sampling is greedy already).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ def _positive(text: str, spec: str) -> float:
         value = float(text)
     except ValueError:
         raise ConfigError(f"temperature {spec!r} has {text!r}, which is not a number; {_HELP}") from None
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"temperature {spec!r}: every temperature must be a finite number > 0")
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ConfigError(f"temperature {spec!r}: every temperature must be a number in "
+                          f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (for greedy sampling use top-k 1)")
     return value
 
 
@@ -76,7 +79,7 @@ def parse_temperature(spec: str | float | TemperatureSchedule) -> TemperatureSch
             raise ConfigError(f"temperature {spec!r} is not a schedule; {_HELP}")
         switch = None
         if at:
-            if not at.isdigit():
+            if not at.isdecimal():  # isdigit() also takes superscripts, which int() refuses
                 raise ConfigError(f"temperature {spec!r}: the switch after '@' must be a scale index; {_HELP}")
             switch = int(at)
         return TemperatureSchedule("step", _positive(parts[0], spec), _positive(parts[1], spec), switch)
