@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 EXTRAS ?= train,export,cpu,dev
 
-.PHONY: setup demo test test-all lint clean default-model bench-early-centric bench-runtime bench-int8
+.PHONY: setup demo test test-all lint clean default-model bench bench-early-centric bench-runtime bench-int8
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ default-model: setup
 	$(BIN)/ecm-train --control canny --vae runs/default/backbone/vqvae.safetensors \
 	    --var runs/default/backbone/var.safetensors --steps 6000 --out runs/default/ecm-canny
 	$(BIN)/python -m ecm.default_model --backbone runs/default/backbone --ecm runs/default/ecm-canny/ecm.safetensors
+
+# Every speed and size figure side by side (about ten minutes on two CPU cores): ecm-bench.png, ecm-bench.json.
+bench: setup
+	$(BIN)/ecm-bench --json ecm-bench.json
 
 bench-early-centric: setup
 	$(BIN)/python benchmarks/early_centric.py

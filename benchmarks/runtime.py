@@ -11,16 +11,16 @@ the ten official scales, 4096 codes; 4 blocks + 2 ECM adapters, so it runs on tw
   and set ONNX Runtime up, a fixed ~20 MB reported apart) against its weights + KV cache, and RSS
   growth over 20 consecutive images, measured in a fresh process per model.
 
+The measuring itself is ``ecm.measure``'s, as in ``ecm-bench``, which reports these figures beside
+the other backends and precisions.
+
     python benchmarks/runtime.py [--repeats 5]
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -30,55 +30,9 @@ from ecm.export.pipeline import ExportOptions, export_model
 from ecm.runtime.loop import Sampling, ScaleLoop
 from ecm.runtime.manifest import Manifest
 from ecm.runtime.ort_backend import OrtBackend
-from models import d16_proportioned
 
 from ecm.data import to_model_range
-from ecm.default_model import load_default
-
-MEMORY_PROBE = r"""
-import json, sys
-import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper
-from ecm.runtime.loop import Sampling, ScaleLoop
-from ecm.runtime.manifest import Manifest
-from ecm.runtime.ort_backend import OrtBackend
-from ecm.runtime.memory import rss_mb, rss_split_mb, peak_rss_mb, weight_bytes
-folder = sys.argv[1]
-m = Manifest.load(folder)
-before_env = rss_mb()
-x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-trivial = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
-                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
-ort.InferenceSession(trivial.SerializeToString(), providers=["CPUExecutionProvider"])  # ORT's one-time set-up
-base, (anon0, file0) = rss_mb(), rss_split_mb()
-loop = ScaleLoop(m, OrtBackend(folder, m), 1)
-cond = np.zeros((1, m.control.resolution, m.control.resolution, 3), np.uint8) if m.control else None
-after = []
-for i in range(20):
-    loop.run(np.array([i % m.num_classes]), cond, Sampling.defaults(m), seed=i)
-    after.append(rss_mb() - base)
-anon, file = rss_split_mb()
-print(json.dumps({"peak": peak_rss_mb() - base, "after": after, "weights": weight_bytes(folder) / 2**20,
-                  "kv": m.kv_cache_bytes(1) / 2**20, "ort_setup": base - before_env,
-                  "anon_after": anon - anon0, "file_after": file - file0}))
-"""
-
-
-def per_image(fn, images: int) -> float:
-    """Mean seconds per call over ``images`` consecutive calls."""
-    start = time.perf_counter()
-    for _ in range(images):
-        fn()
-    return (time.perf_counter() - start) / images
-
-
-def condition(m: Manifest) -> np.ndarray:
-    R = m.control.resolution
-    cond = np.zeros((1, R, R, 3), np.uint8)
-    cond[:, R // 4:3 * R // 4, R // 3] = 255
-    cond[:, R // 2, R // 4:3 * R // 4] = 255
-    return cond
+from ecm.measure import alternate, condition, images_per_round, load_model, probe_memory
 
 
 def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:
@@ -102,17 +56,11 @@ def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:
     backbone = lambda: loop_bb.run(label, None, sb, seed=0)  # noqa: E731
     for fn in (eager, runtime, backbone):  # warm-up
         fn()
-    images = max(1, round(1.0 / per_image(runtime, 1)))  # about a second per measurement
-    t = {"eager": [], "runtime": [], "backbone": []}
+    images = images_per_round(runtime)  # about a second per measurement
     click.echo(f"[{name}] timing, best of {repeats} alternating rounds of {images} image(s) ...")
-    for _ in range(repeats):
-        for key, fn in (("eager", eager), ("runtime", runtime), ("backbone", backbone)):
-            t[key].append(per_image(fn, images))
+    t = alternate({"eager": eager, "runtime": runtime, "backbone": backbone}, repeats, images)
     best = {k: min(v) for k, v in t.items()}
-    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(with_ecm)], capture_output=True, text=True,
-                           check=True)
-    mem = json.loads(probe.stdout)
-    return {"model": name, **best, "memory": mem}
+    return {"model": name, **best, "memory": probe_memory("onnxruntime", with_ecm, 20)}
 
 
 @click.command()
@@ -122,11 +70,10 @@ def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:
 def main(repeats: int, json_path: Path | None) -> None:
     """Seconds per image, ECM overhead and memory of the runtime vs eager PyTorch."""
     torch.manual_seed(0)
-    _, var, ecm = load_default()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(measure("embedded default", var, ecm, Path(tmp), repeats))
-        rows.append(measure("d16-proportioned", *d16_proportioned(), Path(tmp), repeats))
+        rows.append(measure("embedded default", *load_model("default"), Path(tmp), repeats))
+        rows.append(measure("d16-proportioned", *load_model("d16"), Path(tmp), repeats))
     click.echo("")
     click.echo(f"{'model':18}{'eager s/img':>12}{'runtime s/img':>15}{'runtime/eager':>15}{'ECM overhead':>14}"
                f"{'peak MB':>9}{'weights+KV MB':>15}{'peak ratio':>12}{'RSS growth img 5->20':>22}")
@@ -143,7 +90,7 @@ def main(repeats: int, json_path: Path | None) -> None:
         mem = r["memory"]
         click.echo(f"{r['model']}: after 20 images {mem['anon_after']:.0f} MB allocated + "
                    f"{mem['file_after']:.0f} MB of mapped files (ONNX Runtime's code paged in) above set-up")
-    setup = max(r["memory"]["ort_setup"] for r in rows)
+    setup = max(r["memory"]["setup"] for r in rows)
     click.echo(f"targets: runtime/eager <= 0.8x, ECM overhead <= 1.15x, peak <= 1.5x weights + KV, no growth. "
                f"ONNX Runtime's one-time set-up ({setup:.0f} MB) is outside the peak. Absolute times vary between "
                "machines; the ratios are what this measures.")

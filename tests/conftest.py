@@ -3,30 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from ecm.runtime.scales import PATCH_NUMS_256
 
 from ecm import VAR, VQVAE, var_config, vqvae_config
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Give every parameter random values so that no path is trivially zero (e.g. AdaLN gammas)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("scale_mul_1H11"):
-                p.copy_(torch.rand(p.shape, generator=g) * 2 + 1)  # log-scales around the official init
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module.eval()
-
-
-def make_pair(vae_cfg, var_cfg, seed: int = 0) -> tuple[VQVAE, VAR]:
-    torch.manual_seed(seed)
-    vae = randomize_(VQVAE(vae_cfg), seed)
-    var = randomize_(VAR(var_cfg, vae), seed + 1)
-    var.cond_drop_rate = 0.0
-    return vae, var
+from ecm.random_models import make_pair, randomize_
 
 
 @pytest.fixture(scope="session")

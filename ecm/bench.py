@@ -1,0 +1,344 @@
+"""``ecm-bench``: the speed and size figures of generation, side by side in one run.
+
+For the embedded default model and a random-weight d16-proportioned one (``ecm.random_models``):
+seconds per image (batch 1) of eager PyTorch and of ONNX Runtime on the fp32, fp16 and INT8 (CPU
+form) exports, and of TensorRT's fp16 and INT8 plans where TensorRT and a GPU are present, taking
+turns in rounds (``ecm.measure``); the peak memory of each in a fresh process; the adapters'
+overhead (ONNX Runtime fp32 with vs without them); the KV cache's bytes per scale; the analytic
+floor of an image (``ecm.floor``) and every measured time as a multiple of it; and the cost of an
+ECM training iteration, early-centric vs full (``ecm.train_cost``). Prints tables, and writes the
+figures as JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from ecm.adapters import ECM
+from ecm.bench_chart import draw_chart
+from ecm.calibration import CalibOptions, export_int8
+from ecm.data import to_model_range
+from ecm.export.pipeline import ExportOptions, export_model
+from ecm.export.tensorrt import build_plans, missing_tensorrt
+from ecm.floor import Floor, image_floors, matmul_gflops, memory_gbps
+from ecm.measure import MODELS, alternate, condition, images_per_round, load_model, probe_memory
+from ecm.runtime.errors import exit_on_error
+from ecm.runtime.loop import Sampling, ScaleLoop
+from ecm.runtime.manifest import Manifest
+from ecm.runtime.ort_backend import OrtBackend
+from ecm.train_cost import cost_lines, iteration_cost
+from ecm.var import VAR
+
+#: The exports each model is measured on: folder name -> (precision, with adapters).
+EXPORTS = {"int8": ("int8", True), "fp16": ("fp16", True), "fp32": ("fp32", True),
+           "fp32-backbone": ("fp32", False)}
+EAGER, ORT32 = "eager PyTorch fp32", "ONNX Runtime fp32"
+TITLES = {"default": "embedded default", "d16": "d16-proportioned (random weights)"}
+
+
+@functools.cache
+def _model(name: str) -> tuple[VAR, ECM]:
+    return load_model(name)
+
+
+def export_one(name: str, folder_name: str, out: Path, report_images: int) -> str:
+    """Export model ``name`` as EXPORTS[folder_name] into ``out``; returns what was done, timed."""
+    start = time.perf_counter()
+    var, ecm = _model(name)
+    precision, adapters = EXPORTS[folder_name]
+    quiet = lambda _: None  # noqa: E731
+    if precision == "int8":  # weight-only Q/DQ needs no calibration recording; the CPU form is what is timed
+        calib = CalibOptions(activations="fp16", report_images=report_images, cache=out.parent / "calibration")
+        export_int8(var, ecm, out, ExportOptions(verify=False), calib, quiet)
+    else:
+        export_model(var, ecm if adapters else None, out, ExportOptions(precision=precision, verify=False), quiet)
+    return f"{name} {folder_name} exported ({time.perf_counter() - start:.0f} s)"
+
+
+def quiet_logging() -> None:
+    """Keep INFO records off the terminal: ONNX Runtime's INT8 quantizer calls ``logging.basicConfig(level=INFO)``
+    when imported, after which every export would print the ONNX IR passes' records."""
+    logging.basicConfig(level=logging.WARNING)
+
+
+def _export_worker() -> None:
+    quiet_logging()
+    torch.set_num_threads(1)  # exports are mostly single-threaded tracing; the workers share the cores
+
+
+def export_all(names: list[str], work: Path, jobs: int, report_images: int,
+               log: Callable[[str], None]) -> dict[str, dict[str, Path]]:
+    """Every export of every model, ``jobs`` at a time in fresh processes (in this one with 1)."""
+    folders = {name: {f: work / name / f for f in EXPORTS} for name in names}
+    todo = [(name, f, out, report_images) for name in names for f, out in folders[name].items()]
+    log(f"exporting {len(todo)} ONNX folders ({jobs} at a time) ...")
+    if jobs <= 1:
+        for job in todo:
+            log(export_one(*job))
+        return folders
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_export_worker) as pool:
+        for done in as_completed([pool.submit(export_one, *job) for job in todo]):
+            log(done.result())
+    return folders
+
+
+def tensorrt_plans(folders: dict[str, Path], log: Callable[[str], None]) -> str | None:
+    """Build the fp16 and INT8 plans where TensorRT and a GPU are present; else why not."""
+    reason = missing_tensorrt()
+    if reason is None:
+        for key in ("fp16", "int8"):
+            log(f"building TensorRT plans of {folders[key]} ...")
+            build_plans(folders[key], progress=lambda _: None)
+    return reason
+
+
+def runners(var: VAR, ecm: ECM, folders: dict[str, Path], with_trt: bool) -> dict[str, tuple[str, str, Callable]]:
+    """Label -> (backend, precision, generate one image) for every backend measured, and the backbone alone."""
+    m = Manifest.load(folders["fp32"])
+    cond, label = condition(m), np.array([1])
+    ctrl = to_model_range(cond)
+
+    def eager() -> None:
+        with torch.no_grad():
+            var.generate([1], ecm=ecm, control_B3HW=ctrl, seed=0, candidates=m.candidates)
+
+    def looped(folder: Path, backend: Any = None, adapters: bool = True) -> Callable[[], Any]:
+        mf = Manifest.load(folder)
+        loop = ScaleLoop(mf, backend or OrtBackend(folder, mf), 1)
+        s = Sampling.defaults(mf, temperature=m.temperature)  # the backbone alone samples as with adapters
+        return lambda: loop.run(label, cond if adapters else None, s, seed=0)
+
+    out = {EAGER: ("eager", "fp32", eager), ORT32: ("onnxruntime", "fp32", looped(folders["fp32"])),
+           "ONNX Runtime fp16": ("onnxruntime", "fp16", looped(folders["fp16"])),
+           "ONNX Runtime int8 (CPU form)": ("onnxruntime", "int8", looped(folders["int8"]))}
+    if with_trt:
+        from ecm.runtime.trt_backend import TrtBackend
+
+        for key in ("fp16", "int8"):
+            out[f"TensorRT {key}"] = ("tensorrt", key, looped(folders[key], TrtBackend(folders[key])))
+    out["ONNX Runtime fp32, no adapters"] = ("onnxruntime", "fp32", looped(folders["fp32-backbone"], adapters=False))
+    return out
+
+
+def kv_per_scale(folders: dict[str, Path]) -> dict[str, Any]:
+    """Bytes of K and V (backbone + adapters, batch 1, CFG rows included) each scale writes, and the cache so far."""
+    ms = {p: Manifest.load(folders[p]) for p in ("fp32", "fp16")}
+    rows, filled = [], dict.fromkeys(ms, 0)
+    for si, pn in enumerate(ms["fp32"].patch_nums):
+        row: dict[str, Any] = {"scale": si, "patch": pn, "tokens": pn * pn}
+        for p, m in ms.items():
+            elements = math.prod(m.kv_shape(pn * pn, 1))
+            if m.control is not None:
+                elements += math.prod(m.adapter_kv_shape(pn * pn, 1))
+            written = 2 * elements * np.dtype(m.kv_dtype).itemsize
+            filled[p] += written
+            row[f"written_{p}"], row[f"cache_{p}"] = written, filled[p]
+        rows.append(row)
+    return {"per_scale": rows, "total_bytes": {p: m.kv_cache_bytes(1) for p, m in ms.items()},
+            "int8": "as fp32 (the INT8 graphs keep their KV cache in fp32)"}
+
+
+def describe(var: VAR, ecm: ECM) -> str:
+    cfg, e = var.config, ecm.config
+    return (f"{len(cfg.patch_nums)} scales (L {cfg.L}), width {cfg.embed_dim}, {cfg.num_heads} heads, depth "
+            f"{cfg.depth} + {e.num_adapters} adapters (width {e.width}), {cfg.vocab_size} codes, "
+            f"{var.vae.config.resolution} px")
+
+
+def bench_model(name: str, folders: dict[str, Path], trt_reason: str | None, repeats: int, round_s: float,
+                memory_images: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Timing rounds, memory probes, KV cache and floor of one model; the floor's seconds come later."""
+    var, ecm = _model(name)
+    runs = runners(var, ecm, folders, trt_reason is None)
+    log(f"[{name}] warming up {len(runs)} backends, then timing one image of each to size the rounds ...")
+    for _, _, fn in runs.values():
+        fn()
+    images = {label: images_per_round(fn, round_s) for label, (_, _, fn) in runs.items()}
+    log(f"[{name}] timing: {repeats} alternating rounds of about {round_s:g} s per backend "
+        f"({', '.join(str(n) for n in images.values())} image(s)) ...")
+    rounds = alternate({label: fn for label, (_, _, fn) in runs.items()}, repeats, images,
+                       progress=lambda r: log(f"[{name}] round {r}/{repeats} done"))
+    best = {label: min(t) for label, t in rounds.items()}
+    probes = {EAGER: ("eager", name), ORT32: ("onnxruntime", folders["fp32"]),
+              "ONNX Runtime fp16": ("onnxruntime", folders["fp16"]),
+              "ONNX Runtime int8 (CPU form)": ("onnxruntime", folders["int8"])}
+    rows = []
+    for label, (backend, precision, _) in runs.items():
+        if label == "ONNX Runtime fp32, no adapters":
+            continue
+        memory = None
+        if label in probes:
+            log(f"[{name}] peak memory of {label}: {memory_images} image(s) in a fresh process ...")
+            memory = probe_memory(*probes[label], memory_images)
+        rows.append({"label": label, "backend": backend, "precision": precision, "s_per_img": best[label],
+                     "rounds": rounds[label], "images_per_round": images[label], "vs_eager": best[label] / best[EAGER],
+                     "peak_mb": memory["peak"] if memory else None, "memory": memory})
+    without = "ONNX Runtime fp32, no adapters"
+    paired = float(np.median([a / b for a, b in zip(rounds[ORT32], rounds[without])]))
+    floors = image_floors(var, ecm)
+    return {"title": TITLES[name], "description": describe(var, ecm), "repeats": repeats, "round_seconds": round_s,
+            "rows": rows, "tensorrt": None if trt_reason is None else f"not available: {trt_reason}",
+            "adapter_overhead": {"with_s": best[ORT32], "without_s": best[without],
+                                 "ratio": best[ORT32] / best[without], "median_paired_ratio": paired},
+            "kv_cache": kv_per_scale(folders), "floor": floors}
+
+
+def settle_floors(model: dict[str, Any], gflops: float, gbps: float) -> None:
+    """Replace the model's Floor objects by their figures at these rates; every row gets its multiple."""
+    floors: dict[str, Floor] = model["floor"]
+    fp32 = floors["fp32"]
+    model["floor"] = {"flops": fp32.flops, "flops_total": fp32.total_flops,
+                      "bytes": {p: f.bytes for p, f in floors.items()},
+                      "bytes_total": {p: f.total_bytes for p, f in floors.items()},
+                      "seconds": {p: f.seconds(gflops, gbps) for p, f in floors.items()},
+                      "bound": {p: f.bound(gflops, gbps) for p, f in floors.items()}}
+    for row in model["rows"]:
+        row["floor_s"] = model["floor"]["seconds"][row["precision"]]
+        row["x_floor"] = row["s_per_img"] / row["floor_s"]
+
+
+def table(header: list[str], rows: list[list[str]], notes: list[tuple[str, str]] = ()) -> list[str]:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned; each note
+    (label, text) is a last line whose text spans the other columns."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    widths[0] = max([widths[0], *(len(label) for label, _ in notes)])
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    return lines + [f"{label.ljust(widths[0])}  {text}" for label, text in notes]
+
+
+def _mb(n: float) -> str:
+    mb = n / 2**20
+    return f"{mb:.0f}" if mb >= 100 else f"{mb:.1f}" if mb >= 10 else f"{mb:.2f}"
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """Every figure of a run, as the tables ``ecm-bench`` prints."""
+    machine = result["machine"]
+    lines = [f"machine: {machine['cpus']} CPU cores, fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, memory "
+             f"{machine['memory_gbps']:.1f} GB/s (best of start and end of the run); TensorRT: {machine['tensorrt']}"]
+    for model in result["models"].values():
+        lines += ["", f"== {model['title']}: {model['description']}",
+                  f"   batch 1, best of {model['repeats']} alternating rounds of about {model['round_seconds']:g} s "
+                  "(whole images) per backend; peak MB: peak RSS of a fresh process above its set-up"]
+        rows = [[r["label"], f"{r['s_per_img']:.4f}", f"{r['vs_eager']:.2f}x",
+                 "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}", f"{r['x_floor']:.1f}x",
+                 str(r["images_per_round"])] for r in model["rows"]]
+        notes = [] if model["tensorrt"] is None else [("TensorRT fp16 / int8", model["tensorrt"])]
+        lines += table(["backend / precision", "s/img", "vs eager", "peak MB", "x floor", "img/round"], rows, notes)
+        ao = model["adapter_overhead"]
+        lines.append(f"adapter overhead (ONNX Runtime fp32, with / without adapters): {ao['with_s']:.4f} / "
+                     f"{ao['without_s']:.4f} s/img = {ao['ratio']:.2f}x (median of paired rounds "
+                     f"{ao['median_paired_ratio']:.2f}x)")
+        fl = model["floor"]
+        parts = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in fl["flops"].items() if v)
+        lines.append(f"analytic floor per image: {fl['flops_total'] / 1e9:.3g} GFLOP ({parts}); at the fp32 matmul "
+                     "rate (INT8 kernels may beat it)")
+        lines += ["  " + s for s in table(
+            ["precision", "bytes/img MB", "weights MB", "KV MB", "floor s/img", "bound"],
+            [[p, _mb(fl["bytes_total"][p]), _mb(b["step weights"] + b["once-per-image weights"]),
+              _mb(b["kv cache"]), f"{fl['seconds'][p]:.4f}", fl["bound"][p]] for p, b in fl["bytes"].items()])]
+        kv = model["kv_cache"]
+        lines.append(f"KV cache per scale (K and V of backbone + adapters, batch 1, CFG rows included; INT8 "
+                     f"{kv['int8'].split(' (')[0]}), MB:")
+        lines += ["  " + s for s in table(
+            ["scale", "tokens", "written fp32", "cache fp32", "written fp16", "cache fp16"],
+            [[f"{r['scale']} ({r['patch']}x{r['patch']})", str(r["tokens"]), _mb(r["written_fp32"]),
+              _mb(r["cache_fp32"]), _mb(r["written_fp16"]), _mb(r["cache_fp16"])] for r in kv["per_scale"]])]
+    cost = result["training"]
+    lines += ["", f"ECM training iteration, {cost['model']} (L {cost['L']}, depth {cost['depth']}), batch "
+              f"{cost['batch']}, mean of {cost['iters']} alternating iterations each:", *cost_lines(cost)]
+    return lines
+
+
+@click.command()
+@click.option("--models", "model_names", default=",".join(MODELS), show_default=True,
+              help=f"Comma-separated models to measure: {', '.join(MODELS)} (the embedded default; a random-weight "
+                   "d16-proportioned one).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Alternating timing rounds per model; each figure is the best round.")
+@click.option("--round-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="About how long each backend runs per round (whole images, at least one).")
+@click.option("--memory-images", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Images generated by each fresh process that measures a backend's peak memory.")
+@click.option("--train-iters", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Timed training iterations per setting (early-centric, full) on the default model.")
+@click.option("--train-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Batch size of the training iterations.")
+@click.option("--jobs", default=min(2, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=1),
+              help="Exports run this many at a time, in fresh processes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write every figure as JSON here.")
+@click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("ecm-bench.png"),
+              show_default=True, help="Chart of seconds per image per backend and model, the floor marked.")
+@click.option("--quick", is_flag=True,
+              help="A smoke run: the default model only, one round of one image, one image per memory probe, "
+                   "one training iteration of batch 4 (overrides --models, --repeats, --round-seconds, "
+                   "--memory-images, --train-iters and --train-batch).")
+@exit_on_error
+def main(model_names: str, repeats: int, round_seconds: float, memory_images: int, train_iters: int,
+         train_batch: int, jobs: int, json_path: Path | None, png_path: Path, quick: bool) -> None:
+    """Seconds per image, peak memory, adapter overhead, KV cache, analytic floor and training cost, side by side.
+
+    Exports every model to ONNX (fp32 with and without adapters, fp16, INT8) into a temporary
+    folder, then measures eager PyTorch, ONNX Runtime and, where present, TensorRT in alternating
+    rounds. Takes about ten minutes on two CPU cores; --quick about a minute.
+    """
+    names = [n.strip() for n in model_names.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown or not names:
+        raise click.BadParameter(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}",
+                                 param_hint="--models")
+    if quick:
+        names, repeats, round_seconds, memory_images, train_iters, train_batch = ["default"], 1, 0.0, 1, 1, 4
+    quiet_logging()
+    start = time.perf_counter()
+    log = lambda msg: click.echo(f"[{time.perf_counter() - start:5.0f} s] {msg}")  # noqa: E731
+    size = (1024, 256) if quick else (2048, 256)
+    log("measuring this machine's matmul rate and memory bandwidth ...")
+    rates = [(matmul_gflops(size[0]), memory_gbps(size[1]))]
+    models: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="ecm-bench-") as tmp:
+        folders = export_all(names, Path(tmp), jobs, 1 if quick else 4, log)
+        trt_reason = None
+        for name in names:
+            trt_reason = tensorrt_plans(folders[name], log)
+            models[name] = bench_model(name, folders[name], trt_reason, repeats, round_seconds, memory_images, log)
+    training = iteration_cost(train_iters, train_batch, warmup=0 if quick else 1, images=16 if quick else 256,
+                              progress=log)
+    log("measuring the machine's rates again ...")
+    rates.append((matmul_gflops(size[0]), memory_gbps(size[1])))
+    gflops, gbps = max(r[0] for r in rates), max(r[1] for r in rates)
+    for model in models.values():
+        settle_floors(model, gflops, gbps)
+    result = {
+        "settings": {"models": names, "repeats": repeats, "round_seconds": round_seconds,
+                     "memory_images": memory_images, "train_iters": train_iters, "train_batch": train_batch,
+                     "quick": quick},
+        "machine": {"cpus": os.cpu_count(), "matmul_gflops": gflops, "memory_gbps": gbps,
+                    "rates_measured": [list(r) for r in rates],
+                    "tensorrt": "available" if trt_reason is None else f"not available: {trt_reason}"},
+        "models": models, "training": training, "wall_s": time.perf_counter() - start}
+    click.echo("")
+    for line in report_lines(result):
+        click.echo(line)
+    draw_chart(result, png_path)
+    click.echo(f"\nchart: {png_path}" + (f", figures: {json_path}" if json_path else "")
+               + f"; {result['wall_s']:.0f} s in all")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
