@@ -296,11 +296,11 @@ def quantize_qdq(prep: Prepared, dst: Path, feeds: Feeds, alpha: float = SMOOTH_
 def quantize_cpu(prep: Prepared, dst: Path) -> None:
     """The CPU form of a prepared graph into ``dst``: ``MatMulNBits`` with 8-bit symmetric weights per
     block of ``CPU_BLOCK`` inputs, activations quantized per block on the fly (``CPU_ACCURACY``)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     model = load(prep.path)
     keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in prep.nodes]
     with _quiet():  # nodes_to_include would only add to every MatMul: name what stays instead
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
         quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=CPU_BLOCK, is_symmetric=True,
                                          accuracy_level=CPU_ACCURACY, nodes_to_exclude=keep)
         quantizer.process()
@@ -370,11 +370,15 @@ def teacher_agreement(reference: Path, quantized: Path, feeds: Iterable[dict[str
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the quantizer's advice to pre-process (our shapes are known) and its info lines."""
+    """Silence ONNX Runtime's quantization tools inside the block: their advice to pre-process (our shapes
+    are known), their info lines, and the logging set-up one of them does when imported
+    (``logging.basicConfig`` at INFO), which is undone on the way out so later exports stay quiet."""
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    level, handlers, disabled = root.level, root.handlers[:], logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         yield
     finally:
+        logging.disable(disabled)
         root.setLevel(level)
+        root.handlers[:] = handlers

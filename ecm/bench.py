@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -63,21 +62,14 @@ def export_one(name: str, folder_name: str, out: Path, report_images: int) -> st
     precision, adapters = EXPORTS[folder_name]
     quiet = lambda _: None  # noqa: E731
     if precision == "int8":  # weight-only Q/DQ needs no calibration recording; the CPU form is what is timed
-        calib = CalibOptions(activations="fp16", report_images=report_images, cache=out.parent / "calibration")
+        calib = CalibOptions(activations="fp16", report_images=report_images)
         export_int8(var, ecm, out, ExportOptions(verify=False), calib, quiet)
     else:
         export_model(var, ecm if adapters else None, out, ExportOptions(precision=precision, verify=False), quiet)
     return f"{name} {folder_name} exported ({time.perf_counter() - start:.0f} s)"
 
 
-def quiet_logging() -> None:
-    """Keep INFO records off the terminal: ONNX Runtime's INT8 quantizer calls ``logging.basicConfig(level=INFO)``
-    when imported, after which every export would print the ONNX IR passes' records."""
-    logging.basicConfig(level=logging.WARNING)
-
-
 def _export_worker() -> None:
-    quiet_logging()
     torch.set_num_threads(1)  # exports are mostly single-threaded tracing; the workers share the cores
 
 
@@ -107,31 +99,40 @@ def tensorrt_plans(folders: dict[str, Path], log: Callable[[str], None]) -> str 
     return reason
 
 
-def runners(var: VAR, ecm: ECM, folders: dict[str, Path], with_trt: bool) -> dict[str, tuple[str, str, Callable]]:
-    """Label -> (backend, precision, generate one image) for every backend measured, and the backbone alone."""
-    m = Manifest.load(folders["fp32"])
-    cond, label = condition(m), np.array([1])
-    ctrl = to_model_range(cond)
+def eager_generation(var: VAR, ecm: ECM | None, m: Manifest) -> Callable[[], None]:
+    """One eager image of class 1 on the fixed condition, sorting as many candidates as the export ``m``."""
+    ctrl = to_model_range(condition(m))
 
     def eager() -> None:
         with torch.no_grad():
             var.generate([1], ecm=ecm, control_B3HW=ctrl, seed=0, candidates=m.candidates)
 
-    def looped(folder: Path, backend: Any = None, adapters: bool = True) -> Callable[[], Any]:
-        mf = Manifest.load(folder)
-        loop = ScaleLoop(mf, backend or OrtBackend(folder, mf), 1)
-        s = Sampling.defaults(mf, temperature=m.temperature)  # the backbone alone samples as with adapters
-        return lambda: loop.run(label, cond if adapters else None, s, seed=0)
+    return eager
 
-    out = {EAGER: ("eager", "fp32", eager), ORT32: ("onnxruntime", "fp32", looped(folders["fp32"])),
-           "ONNX Runtime fp16": ("onnxruntime", "fp16", looped(folders["fp16"])),
-           "ONNX Runtime int8 (CPU form)": ("onnxruntime", "int8", looped(folders["int8"]))}
+
+def runtime_generation(folder: Path, m: Manifest, backend: Any = None, adapters: bool = True) -> Callable[[], Any]:
+    """One image of class 1 from the export in ``folder``, sampled as the export ``m`` with adapters samples
+    (so a backbone-only export draws the same images but for the control)."""
+    mf = Manifest.load(folder)
+    loop = ScaleLoop(mf, backend or OrtBackend(folder, mf), 1)
+    s, label, cond = Sampling.defaults(mf, temperature=m.temperature), np.array([1]), condition(m)
+    return lambda: loop.run(label, cond if adapters else None, s, seed=0)
+
+
+def runners(var: VAR, ecm: ECM, folders: dict[str, Path], with_trt: bool) -> dict[str, tuple[str, str, Callable]]:
+    """Label -> (backend, precision, generate one image) for every backend measured, and the backbone alone."""
+    m = Manifest.load(folders["fp32"])
+    out = {EAGER: ("eager", "fp32", eager_generation(var, ecm, m)),
+           ORT32: ("onnxruntime", "fp32", runtime_generation(folders["fp32"], m)),
+           "ONNX Runtime fp16": ("onnxruntime", "fp16", runtime_generation(folders["fp16"], m)),
+           "ONNX Runtime int8 (CPU form)": ("onnxruntime", "int8", runtime_generation(folders["int8"], m))}
     if with_trt:
         from ecm.runtime.trt_backend import TrtBackend
 
         for key in ("fp16", "int8"):
-            out[f"TensorRT {key}"] = ("tensorrt", key, looped(folders[key], TrtBackend(folders[key])))
-    out["ONNX Runtime fp32, no adapters"] = ("onnxruntime", "fp32", looped(folders["fp32-backbone"], adapters=False))
+            out[f"TensorRT {key}"] = ("tensorrt", key, runtime_generation(folders[key], m, TrtBackend(folders[key])))
+    out["ONNX Runtime fp32, no adapters"] = ("onnxruntime", "fp32",
+                                             runtime_generation(folders["fp32-backbone"], m, adapters=False))
     return out
 
 
@@ -306,7 +307,6 @@ def main(model_names: str, repeats: int, round_seconds: float, memory_images: in
                                  param_hint="--models")
     if quick:
         names, repeats, round_seconds, memory_images, train_iters, train_batch = ["default"], 1, 0.0, 1, 1, 4
-    quiet_logging()
     start = time.perf_counter()
     log = lambda msg: click.echo(f"[{time.perf_counter() - start:5.0f} s] {msg}")  # noqa: E731
     size = (1024, 256) if quick else (2048, 256)
