@@ -7,8 +7,8 @@ the ten official scales, 4096 codes; 4 blocks + 2 ECM adapters, so it runs on tw
   they alternate in rounds of about a second each, and each figure is the best round of
   ``--repeats`` (shared machines are noisy);
 * the ECM overhead: the same runtime with and without the adapters (a backbone-only export);
-* peak memory of the runtime (peak RSS above a process that has imported NumPy and ONNX Runtime
-  and set ONNX Runtime up, a fixed ~20 MB reported apart) against its weights + KV cache, and RSS
+* peak memory of the runtime (peak RSS above a process that has imported the runtime and set
+  ONNX Runtime up, a fixed ~9 MB reported apart) against its weights + KV cache, and RSS
   growth over 20 consecutive images, measured in a fresh process per model.
 
 The measuring itself is ``ecm.measure``'s, as in ``ecm-bench``, which reports these figures beside
@@ -24,15 +24,12 @@ import tempfile
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 from ecm.export.pipeline import ExportOptions, export_model
-from ecm.runtime.loop import Sampling, ScaleLoop
 from ecm.runtime.manifest import Manifest
-from ecm.runtime.ort_backend import OrtBackend
 
-from ecm.data import to_model_range
-from ecm.measure import alternate, condition, images_per_round, load_model, probe_memory
+from ecm.bench import eager_generation, runtime_generation
+from ecm.measure import alternate, images_per_round, load_model, probe_memory
 
 
 def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:
@@ -41,19 +38,10 @@ def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:
     click.echo(f"[{name}] exporting (fp32, with and without adapters) ...")
     export_model(var, ecm, with_ecm, ExportOptions(precision="fp32", verify=False), quiet)
     export_model(var, None, without, ExportOptions(precision="fp32", verify=False), quiet)
-    m, mb = Manifest.load(with_ecm), Manifest.load(without)
-    cond = condition(m)
-    loop = ScaleLoop(m, OrtBackend(with_ecm, m), 1)
-    loop_bb = ScaleLoop(mb, OrtBackend(without, mb), 1)
-    s, sb = Sampling.defaults(m), Sampling.defaults(mb, temperature=m.temperature)
-    label, ctrl = np.array([1]), to_model_range(cond)
-
-    def eager() -> None:
-        with torch.no_grad():
-            var.generate([1], ecm=ecm, control_B3HW=ctrl, seed=0, candidates=m.candidates)
-
-    runtime = lambda: loop.run(label, cond, s, seed=0)  # noqa: E731
-    backbone = lambda: loop_bb.run(label, None, sb, seed=0)  # noqa: E731
+    m = Manifest.load(with_ecm)
+    eager = eager_generation(var, ecm, m)
+    runtime = runtime_generation(with_ecm, m)
+    backbone = runtime_generation(without, m, adapters=False)
     for fn in (eager, runtime, backbone):  # warm-up
         fn()
     images = images_per_round(runtime)  # about a second per measurement
