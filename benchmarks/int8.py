@@ -91,8 +91,8 @@ def main(repeats: int, report_images: int, json_path: Path | None) -> None:
     per = lambda xs: " ".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
     click.echo(f"embedded default, {rep['images']} held-out images: teacher-forced top-1 agreement with fp32 per scale:"
                f" CPU form [{per(rep['teacher_top1_cpu'])}] %, Q/DQ [{per(rep['teacher_top1_qdq'])}] %; Canny F1 "
-               f"fp32 {rep['f1_fp32']:.4f}, INT8 {rep['f1_int8']:.4f} ({100 * rep['f1_change']:+.1f}%), "
-               f"Q/DQ {rep['f1_int8_qdq']:.4f}")
+               f"fp32 {rep['fidelity_fp32']:.4f}, INT8 {rep['fidelity_int8']:.4f} "
+               f"({100 * rep['fidelity_change']:+.1f}%), Q/DQ {rep['fidelity_int8_qdq']:.4f}")
     click.echo("targets (d16-proportioned): INT8 s/img <= 0.67x fp32, INT8 step graph <= 0.3x; default: agreement "
                ">= 95% at every scale, F1 within 10%. INT8 = the CPU form ecm-run picks here (MatMulNBits); Q/DQ = "
                "the TensorRT graphs (W8A8 or, where that loses more than 5% at a scale of the calibration set, W8A16). "

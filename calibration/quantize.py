@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from ecm.calibration.options import SMOOTH_ALPHA, check_scope
+from ecm.export.onnx_files import load_onnx, save_onnx
 from ecm.runtime.errors import ECMError
-from ecm.runtime.files import readable
 from onnx import helper, numpy_helper
 
 HALF_MIN_ELEMENTS = 1 << 16  # fp32 weights at least this large are stored as fp16
@@ -45,20 +46,6 @@ def set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
     """Replace the graph's nodes (a protobuf repeated field cannot be assigned)."""
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-
-
-def load(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=True)
-
-
-def save(model: onnx.ModelProto, path: Path) -> None:
-    """Save with the weights in ``<path>.data``, as every graph of an export."""
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-              size_threshold=1024)
-    if data.exists():  # small graphs keep every weight inside
-        readable(data)  # onnx writes external data as 0600
 
 
 def fold_constant_transposes(model: onnx.ModelProto) -> int:
@@ -224,11 +211,11 @@ class Prepared:
 
 def prepare(src: Path, work: Path, scope: str = "linear") -> Prepared:
     """Fold weight transposes and turn Gemms into MatMuls, into the folder ``work``."""
-    model = load(src)
+    model = load_onnx(src)
     fold_constant_transposes(model)
     gemms_to_matmuls(model)
     path = work / src.name
-    save(model, path)
+    save_onnx(model, path)
     return Prepared(path, quantized_nodes(model, scope))
 
 
@@ -274,29 +261,32 @@ def quantize_qdq(prep: Prepared, dst: Path, feeds: Feeds, alpha: float = SMOOTH_
 
     with tempfile.TemporaryDirectory(prefix="ecm-quant-") as tmp, _quiet():
         path = Path(tmp) / prep.path.name
-        model = load(prep.path)
+        model = load_onnx(prep.path)
         if alpha > 0:
             inputs = sorted({n.input[0] for n in smoothable(model, prep.nodes)})
             smooth(model, prep.nodes, channel_absmax(prep.path, inputs, feeds()), alpha)
-        save(model, path)
+        save_onnx(model, path)
         ranges = Path(tmp) / "ranges.json"
         activation_ranges(path, feeds(), ranges, Path(tmp))
-        quantize_static(str(path), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True,
+        # ONNX Runtime saves its result through onnx with a data location that onnx checks against the current
+        # directory: a name found nowhere else keeps that check from tripping over an export there
+        qdq = Path(tmp) / f"qdq-{uuid.uuid4().hex}.onnx"
+        quantize_static(str(path), str(qdq), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=prep.nodes,
                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
                         calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "QuantizeBias": False,  # TensorRT dequantizes INT8 only, not INT32 biases
                                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
-    model = load(dst)
+        model = load_onnx(qdq)
     store_half(model)
-    save(model, dst)
+    save_onnx(model, dst)
 
 
 def quantize_cpu(prep: Prepared, dst: Path) -> None:
     """The CPU form of a prepared graph into ``dst``: ``MatMulNBits`` with 8-bit symmetric weights per
     block of ``CPU_BLOCK`` inputs, activations quantized per block on the fly (``CPU_ACCURACY``)."""
-    model = load(prep.path)
+    model = load_onnx(prep.path)
     keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in prep.nodes]
     with _quiet():  # nodes_to_include would only add to every MatMul: name what stays instead
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -306,7 +296,7 @@ def quantize_cpu(prep: Prepared, dst: Path) -> None:
         quantizer.process()
         model = quantizer.model.model
     store_half(model)
-    save(model, dst)
+    save_onnx(model, dst)
 
 
 def quantize_weights(prep: Prepared, dst: Path) -> None:
@@ -315,7 +305,7 @@ def quantize_weights(prep: Prepared, dst: Path) -> None:
     Each quantized linear layer becomes Cast(x, fp16) -> MatMul(x, DequantizeLinear(W_int8, fp16
     scale per output channel)) -> Cast(fp32): the fp16 export's layer, with INT8 weights.
     """
-    model = load(prep.path)
+    model = load_onnx(prep.path)
     inits = {t.name: t for t in model.graph.initializer}
     chosen = {n.name for n in weight_matmuls(model)} & set(prep.nodes)
     f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
@@ -348,7 +338,7 @@ def quantize_weights(prep: Prepared, dst: Path) -> None:
         nodes.append(helper.make_node("Cast", [out + "_fp16"], [out], name=out + "_to_fp32", to=f32))
     set_nodes(model, weights + nodes)  # weights first: still topologically sorted
     store_half(model)
-    save(model, dst)
+    save_onnx(model, dst)
 
 
 def teacher_agreement(reference: Path, quantized: Path, feeds: Iterable[dict[str, np.ndarray]],

@@ -89,22 +89,41 @@ def check_source(source: Path | None) -> None:
         image_paths(source)
 
 
-def folder_conditions(folder: Path, m: Manifest, samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``samples`` condition maps from ``folder`` (as ``ecm-run --cond`` takes them), with labels."""
+def folder_conditions(folder: Path, m: Manifest, samples: int,
+                      progress: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
+    """``samples`` condition maps from ``folder`` (as ``ecm-run --cond`` takes them), with labels.
+
+    A folder of fewer maps is cycled: a map used again gets another class (and, like every sample,
+    its own seed), so each sample is a different generation.
+    """
     paths = image_paths(folder)
     if m.control is None:
         raise ConfigError("this export has no control adapters, so condition images mean nothing to it; "
                           "leave --calib out")
-    maps, bad = [], []
+    maps, unreadable, not_maps = [], [], []
     for p in paths[:samples]:
         try:
-            maps.append(prepare_condition(read_image(p), m.control, extract=False))
+            img = read_image(p)
         except ECMError:
-            bad.append(p.name)
-    if bad:
-        raise ConfigError(f"{len(bad)} calibration image(s) in {folder} cannot be read ({', '.join(bad[:5])}); "
-                          "remove or replace them")
-    return np.arange(len(maps), dtype=np.int64) % m.num_classes, np.stack(maps)
+            unreadable.append(p.name)
+            continue
+        try:
+            maps.append(prepare_condition(img, m.control, source=p.name))
+        except ECMError:
+            not_maps.append(p.name)
+    if unreadable:
+        raise ConfigError(f"{len(unreadable)} calibration image(s) in {folder} cannot be read "
+                          f"({', '.join(unreadable[:5])}); remove or replace them")
+    if not_maps:
+        raise ConfigError(f"{len(not_maps)} calibration image(s) in {folder} do not look like {m.control.type} maps "
+                          f"({', '.join(not_maps[:5])}); pass condition maps, as ecm-run --cond takes them")
+    n = len(maps)
+    if n < samples:
+        progress(f"{n} condition map(s) in {folder} for {samples} calibration samples: each is used up to "
+                 f"{-(-samples // n)} times, with other seeds and classes")
+    order = np.arange(samples)
+    labels = (order + order // n) % m.num_classes
+    return labels.astype(np.int64), np.stack(maps)[order % n]
 
 
 @dataclass
@@ -198,7 +217,7 @@ def calibration_set(var: VAR, ecm: ECM | None, m: Manifest, source: Path | None,
     if source is None:
         labels, cond = conditions(m, samples, seed=CALIB_SEED)
     else:
-        labels, cond = folder_conditions(source, m, samples)
+        labels, cond = folder_conditions(source, m, samples, progress)
         meta = CalibrationMeta(**{**asdict(meta), "samples": len(labels), "batch": min(batch, len(labels))})
     key = hashlib.sha256(json.dumps(asdict(meta), sort_keys=True).encode())
     if cond is not None:

@@ -106,7 +106,8 @@ def pretrain(data, out, vae_preset, var_preset, vae_steps, var_steps, vae_batch,
 
 @click.command()
 @click.option("--control", default="canny", show_default=True,
-              help="Control type: canny, another registered extractor, or folder:<name> for maps from a folder.")
+              help="Control type: canny, a control an installed plug-in declares (entry points ecm.controls), or "
+                   "folder:<name> for maps from a folder.")
 @click.option("--control-dir", type=click.Path(file_okay=False), default=None,
               help="Folder of control maps for folder:<name>, paired with images by file stem.")
 @click.option("--canny-low", default=100, show_default=True, help="Lower Canny threshold (control canny).")
@@ -138,7 +139,6 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
     from ecm.adapters import ECM, ecm_config
     from ecm.control_train import ControlData, train_ecm
     from ecm.controls import Control
-    from ecm.data import InMemory
     from ecm.default_model import load_backbone
     from ecm.train import TrainSpec, dump_config, setup_distributed
 
@@ -159,10 +159,11 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
                          canny_high=canny_high)).to(dist.device)
     var.to(dist.device), vae.to(dist.device)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(out, command="ecm-train", control=control, data=data or "procedural", vae=vae_path or "default",
-                var=var_path or "default", ecm=ecm.config, spec=spec, early_centric=early_centric,
-                control_drop=control_drop)
-    data_ctrl = ControlData(InMemory(ds), ctrl, vae)
+    dump_config(out, command="ecm-train", control=control, data=data or "procedural",
+                vae=Path(vae_path).resolve() if vae_path else "default",
+                var=Path(var_path).resolve() if var_path else "default", ecm=ecm.config, spec=spec,
+                early_centric=early_centric, control_drop=control_drop)
+    data_ctrl = ControlData(ds, ctrl, vae, show=dist.main)
     train_ecm(ecm, var, data_ctrl, out, spec, control, early_centric, control_drop, dist, resume)
     if dist.main:
         click.echo(f"adapters written to {out / 'ecm.safetensors'}")
@@ -171,7 +172,12 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
 @click.command()
 @click.option("--ecm", "ecm_path", type=click.Path(dir_okay=False), default=None,
               help="Adapter checkpoint from ecm-train. Default: the embedded default model's.")
-@_backbone_options
+@click.option("--vae", "vae_path", type=click.Path(dir_okay=False), default=None,
+              help="VQVAE checkpoint. Default: the one the adapters were trained with (their run.json), else the "
+                   "embedded model.")
+@click.option("--var", "var_path", type=click.Path(dir_okay=False), default=None,
+              help="VAR checkpoint. Default: the one the adapters were trained with (their run.json), else the "
+                   "embedded model.")
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Held-out image folder to evaluate on. Default: held-out procedural shapes.")
 @click.option("--num-images", default=256, type=POSITIVE, show_default=True, help="Images to evaluate.")
@@ -190,22 +196,29 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
 @exit_on_error
 def evaluate(ecm_path, vae_path, var_path, data, num_images, cfg, top_k, top_p, temperature, seed, grid,
              json_path, engine) -> None:
-    """Measure Canny control fidelity (F1) of ECM against the backbone without control."""
+    """Measure control fidelity of ECM against the backbone without control (Canny: F1 of the edges)."""
     from tqdm import tqdm
 
-    from ecm.control_train import load_ecm
+    from ecm.control_train import load_ecm, trained_backbone
+    from ecm.controls import Control
     from ecm.data import ImageFolder, ProceduralShapes
     from ecm.default_model import HELD_OUT_SEED, default_paths, load_backbone
     from ecm.evaluate import evaluate as run
+    from ecm.runtime.controls import control_type
     from ecm.runtime.files import write_json
     from ecm.runtime.sampling import check_sampling
 
     check_sampling(cfg, top_k, top_p, temperature)
+    if ecm_path is not None and vae_path is None and var_path is None:
+        vae_path, var_path = trained_backbone(ecm_path)
     vae, var = load_backbone(vae_path, var_path)
-    ecm, meta = load_ecm(ecm_path or default_paths()[2], var)
-    if meta.get("control") != "canny":
-        raise ECMError(f"ecm-eval measures Canny F1, but these adapters follow {meta.get('control')!r}; "
-                       "evaluate Canny adapters")
+    ecm, _ = load_ecm(ecm_path or default_paths()[2], var)
+    e = ecm.config
+    if control_type(e.control).extractor is None:
+        raise ECMError(f"no fidelity metric exists for {e.control} adapters: their maps come from another tool, "
+                       "so ecm-eval cannot make them for held-out images; register an extractor for the control "
+                       "(see the README's control types) to evaluate it")
+    control = Control(e.control, None, vae.config.resolution, e.canny_low, e.canny_high)
     if data is None:
         held_out = ProceduralShapes(num_images, vae.config.resolution, HELD_OUT_SEED)
     else:
@@ -217,19 +230,21 @@ def evaluate(ecm_path, vae_path, var_path, data, num_images, cfg, top_k, top_p, 
     if engine is not None:
         from ecm.evaluate import evaluate_engine
 
-        f1 = evaluate_engine(engine, images, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                             seed=seed, progress=bar)
-        click.echo(f"Canny F1 of {engine} (ONNX Runtime) on {n} held-out images: {f1:.4f}")
+        score = evaluate_engine(engine, images, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+                                seed=seed, progress=bar)
+        click.echo(f"{control.spec} {control.kind.metric} of {engine} (ONNX Runtime) on {n} held-out images: "
+                   f"{score:.4f}")
         if json_path:
-            write_json({"f1": f1, "engine": str(engine), "num_images": n, "seed": seed}, json_path)
+            write_json({"control": control.spec, "metric": control.kind.metric, "score": score, "engine": str(engine),
+                        "num_images": n, "seed": seed}, json_path)
         return
-    res = run(var, ecm, images, labels, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
-              grid_path=grid, progress=bar)
+    res = run(var, ecm, images, labels, control, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+              seed=seed, grid_path=grid, progress=bar)
     click.echo(res.table())
     click.echo(f"grid written to {grid}")
     if json_path:
-        write_json({**res.__dict__, "ratio": res.ratio, "cfg": cfg, "top_k": top_k, "top_p": top_p,
-                    "temperature": temperature, "seed": seed}, json_path)
+        write_json({**res.to_dict(), "cfg": cfg, "top_k": top_k, "top_p": top_p, "temperature": temperature,
+                    "seed": seed}, json_path)
 
 
 @click.command()

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from ecm.adapters import ECM, ECMConfig
 from ecm.checkpoint import config_from_meta, read_checkpoint, save_safetensors
 from ecm.config import config_to_dict
 from ecm.controls import Control
-from ecm.data import InMemory, to_model_range
+from ecm.data import Dataset, to_model_range
 from ecm.pretrain import tokenize
 from ecm.runtime.errors import CheckpointError
 from ecm.train import Dist, TrainSpec, batch_indices, cross_entropy, fit, tensor_hash
@@ -37,18 +38,33 @@ def sample_num_scales(rng: np.random.Generator, num_scales: int, strength: float
 
 
 class ControlData:
-    """Images, labels, control maps and the frozen VQVAE's tokens, as arrays.
+    """Labels, control maps and the frozen VQVAE's tokens of a dataset, as arrays.
 
-    Tokens are computed once: the VQVAE is frozen and the images are fixed, so no step re-encodes.
+    Made once, before training, with its own progress bar: each image is read, its control map
+    made and its tokens computed (the VQVAE is frozen and the images fixed, so no step re-encodes).
+    The images themselves are not kept.
     """
 
-    def __init__(self, data: InMemory, control: Control, vae: VQVAE, batch: int = 64):
-        if data.paths is not None:
-            control.check_pairs(data.paths)
-        self.labels = data.labels
-        paths = data.paths or [None] * len(data)
-        self.controls = np.stack([control(img, p) for img, p in zip(data.images, paths)])
-        self.tokens_NL = tokenize(vae, data.images, batch)
+    def __init__(self, dataset: Dataset, control: Control, vae: VQVAE, batch: int = 64, show: bool = True):
+        n = len(dataset)
+        paths = [item[0] for item in dataset.items] if hasattr(dataset, "items") else [None] * n
+        if hasattr(dataset, "items"):
+            control.check_pairs(paths)
+        self.labels = np.empty(n, np.int64)
+        self.controls = np.empty((n, control.resolution, control.resolution, 3), np.uint8)
+        chunks = []
+        with tqdm(total=n, desc="preparing data (images, control maps, tokens)", unit="img", disable=not show,
+                  dynamic_ncols=True) as bar:
+            for b in range(0, n, batch):
+                images = np.stack([self._take(dataset, i) for i in range(b, min(n, b + batch))])
+                self.controls[b:b + len(images)] = [control(img, paths[b + j]) for j, img in enumerate(images)]
+                chunks.append(tokenize(vae, images, batch, show=False))
+                bar.update(len(images))
+        self.tokens_NL = torch.cat(chunks)
+
+    def _take(self, dataset: Dataset, i: int) -> np.ndarray:
+        img, self.labels[i] = dataset[i]
+        return img
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -117,6 +133,29 @@ def load_ecm(path: str | Path, var: VAR | None = None) -> tuple[ECM, dict[str, s
             raise CheckpointError(f"{path} was trained on backbone {meta.get('backbone_hash')}, but the loaded "
                                   f"backbone is {got}; load the backbone these adapters belong to")
     return ecm.eval(), meta
+
+
+RUN_RECORD = "run.json"
+
+
+def trained_backbone(ecm_path: str | Path) -> tuple[Path | None, Path | None]:
+    """The (VQVAE, VAR) checkpoints that ``ecm_path``'s run recorded in the ``run.json`` beside it.
+
+    None stands for the embedded default (also when no record is there). Recorded files that are
+    gone are a one-line error naming them: the adapters belong to that backbone alone.
+    """
+    record = Path(ecm_path).parent / RUN_RECORD
+    try:
+        used = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None, None
+    paths = [None if used.get(k, "default") == "default" else Path(used[k]) for k in ("vae", "var")]
+    gone = [str(p) for p in paths if p is not None and not p.is_file()]
+    if gone:
+        raise CheckpointError(f"the adapters {ecm_path} were trained on the backbone {' and '.join(map(str, paths))} "
+                              f"(recorded in {record}), but {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} "
+                              "gone; pass --vae and --var with that backbone")
+    return paths[0], paths[1]
 
 
 def train_ecm(ecm: ECM, var: VAR, data: ControlData, out_dir: Path, spec: TrainSpec, control: str,

@@ -1,8 +1,9 @@
-"""Control maps: how a condition image is made from (or paired with) a training image.
+"""Control maps for training: how a condition image is made from (or paired with) a training image.
 
-Built in: ``canny`` (OpenCV Canny, thresholds 100 / 200 at the model's resolution, the field's
-convention). Maps made by any other tool come from a folder: ``folder:<name>``. A new extractor
-is a function from a uint8 RGB image to a uint8 map, registered under a name::
+Control types live in :mod:`ecm.runtime.controls`, shared with the torch-free runtime: ``canny``
+built in, more from plug-ins (entry-point group ``ecm.controls``) or :func:`register_control`.
+Maps made by any other tool come from a folder, paired with the images by file stem
+(``folder:<name>``). A new extractor takes a few lines::
 
     from ecm.controls import register_control
 
@@ -13,36 +14,23 @@ is a function from a uint8 RGB image to a uint8 map, registered under a name::
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ecm.runtime.controls import FOLDER, ControlType, canny_edges, control_type, register_control
 from ecm.runtime.errors import ECMError
-from ecm.runtime.images import IMAGE_SUFFIXES, canny_edges, preprocess, to_rgb_map
+from ecm.runtime.images import IMAGE_SUFFIXES, preprocess, read_image
+from ecm.runtime.manifest import ControlSpec
 
-Extractor = Callable[[np.ndarray], np.ndarray]
-EXTRACTORS: dict[str, Extractor] = {}
-
-
-def register_control(name: str) -> Callable[[Extractor], Extractor]:
-    """Register ``fn(img_HW3_uint8) -> map_uint8`` as control type ``name``."""
-
-    def wrap(fn: Extractor) -> Extractor:
-        EXTRACTORS[name] = fn
-        return fn
-
-    return wrap
-
-
-register_control("canny")(canny_edges)
+__all__ = ["Control", "ControlType", "canny_edges", "register_control"]
 
 
 @dataclass
 class Control:
-    """A control type: an extractor, or maps read from a folder paired with images by stem."""
+    """A control type as training uses it: an extractor, or maps read from a folder paired by stem."""
 
     spec: str
     folder: Path | None = None
@@ -52,9 +40,8 @@ class Control:
     _index: dict[str, Path] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        kind, _, name = self.spec.partition(":")
-        if kind == "folder":
-            if not name:
+        if self.spec.startswith(FOLDER):
+            if self.spec == FOLDER:
                 raise ECMError("--control folder:<name> needs a name, e.g. folder:depth")
             if self.folder is None:
                 raise ECMError(f"--control {self.spec} needs --control-dir with the folder of maps")
@@ -62,15 +49,18 @@ class Control:
                 raise ECMError(f"control folder {self.folder} for {self.spec!r} does not exist; "
                                "pass --control-dir with the folder of maps")
             self._index = {p.stem: p for p in Path(self.folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
-        elif self.spec not in EXTRACTORS:
-            known = ", ".join([*sorted(EXTRACTORS), "folder:<name>"])
-            raise ECMError(f"unknown control type {self.spec!r}; choose one of {known}")
+        self.kind = control_type(self.spec)
         if not 0 <= self.canny_low <= self.canny_high:
             raise ECMError(f"Canny thresholds {self.canny_low} / {self.canny_high} must satisfy 0 <= low <= high")
 
     @property
     def from_folder(self) -> bool:
-        return self.spec.startswith("folder:")
+        return self.kind.extractor is None
+
+    @property
+    def manifest_spec(self) -> ControlSpec:
+        """How the runtime prepares this control's conditions (also what the extractor is told)."""
+        return ControlSpec(self.spec, self.resolution, self.canny_low, self.canny_high)
 
     def check_pairs(self, image_paths: list[Path]) -> None:
         """Every image needs a readable map: report the missing and unreadable ones by name, with counts."""
@@ -93,20 +83,11 @@ class Control:
 
     def __call__(self, img_HW3: np.ndarray, path: Path | None = None) -> np.ndarray:
         """The control map of one image as uint8 (H, W, 3)."""
-        if self.from_folder:
-            if path is None or path.stem not in self._index:
-                raise ECMError(f"no control map for {path} in {self.folder}")
-            map_path = self._index[path.stem]
-            try:
-                with Image.open(map_path) as m:
-                    out = preprocess(m, self.resolution)
-            except OSError as e:
-                raise ECMError(f"cannot read control map {map_path} ({e}); replace it") from None
-        elif self.spec == "canny":
-            out = canny_edges(img_HW3, self.canny_low, self.canny_high)
-        else:
-            out = EXTRACTORS[self.spec](img_HW3)
-        return to_rgb_map(out) if out.ndim == 2 else out
+        if not self.from_folder:
+            return self.kind.extract(img_HW3, self.manifest_spec)
+        if path is None or path.stem not in self._index:
+            raise ECMError(f"no control map for {path} in {self.folder}")
+        return preprocess(read_image(self._index[path.stem], "control map"), self.resolution)
 
 
 def _names(names: list[str], n: int = 5) -> str:

@@ -7,8 +7,10 @@ maps are computed from (or paired with) that array, so image and map always line
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,10 +18,20 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from ecm.runtime.errors import ECMError
-from ecm.runtime.images import IMAGE_SUFFIXES, preprocess
+from ecm.runtime.images import IMAGE_SUFFIXES, preprocess, read_image
 
 #: Classes of the procedural set: one shape kind each.
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "ellipse", "bars")
+
+
+class Dataset(Protocol):
+    """What training and evaluation read: uint8 RGB images at the model's resolution and int labels."""
+
+    classes: Sequence[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]: ...
 
 
 def to_model_range(arr_NHW3: np.ndarray) -> torch.Tensor:
@@ -52,24 +64,20 @@ class ImageFolder:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         path, label = self.items[i]
-        try:
-            with Image.open(path) as img:
-                return preprocess(img, self.resolution), label
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ECMError(f"cannot read image {path} ({e}); remove or replace it") from None
+        return preprocess(read_image(path, "image"), self.resolution), label
 
 
 class InMemory:
     """A dataset held as arrays: images uint8 (N, H, W, 3) and labels (N,)."""
 
-    def __init__(self, dataset, desc: str = "loading images"):
+    def __init__(self, dataset: Dataset, desc: str = "loading images"):
         n = len(dataset)
         first, _ = dataset[0]
         self.images = np.empty((n, *first.shape), dtype=np.uint8)
         self.labels = np.empty(n, dtype=np.int64)
         self.paths = [item[0] for item in dataset.items] if hasattr(dataset, "items") else None
         self.num_classes = len(dataset.classes)
-        for i in tqdm(range(n), desc=desc, leave=False, dynamic_ncols=True):
+        for i in tqdm(range(n), desc=desc, unit="img", dynamic_ncols=True):
             self.images[i], self.labels[i] = dataset[i]
 
     def __len__(self) -> int:

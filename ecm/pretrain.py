@@ -44,15 +44,17 @@ class VQVAETask(nn.Module):
 
 
 @torch.no_grad()
-def tokenize(vae: VQVAE, images_NHW3: np.ndarray, batch: int = 64) -> torch.Tensor:
+def tokenize(vae: VQVAE, images_NHW3: np.ndarray, batch: int = 64, show: bool = True) -> torch.Tensor:
     """Tokens of every image, all scales flattened: (N, L), int16 when the codebook allows.
 
     The VQVAE is frozen wherever this is used, so each image is encoded once, not every step.
+    ``show``: a progress bar.
     """
     device = next(vae.parameters()).device
     dtype = torch.int16 if vae.config.vocab_size <= 32768 else torch.int32
     chunks = []
-    for b in tqdm(range(0, len(images_NHW3), batch), desc="tokenizing", leave=False, dynamic_ncols=True):
+    for b in tqdm(range(0, len(images_NHW3), batch), desc="tokenizing", unit="batch", disable=not show,
+                  dynamic_ncols=True):
         img = to_model_range(images_NHW3[b:b + batch]).to(device)
         chunks.append(torch.cat(vae.img_to_idxBl(img), dim=1).to(dtype).cpu())
     return torch.cat(chunks)

@@ -13,7 +13,8 @@ import torch
 
 from ecm.runtime.sampling import cfg_weight
 
-__all__ = ["candidate_count", "cfg_weight", "mix_cfg", "nucleus_keep", "sample_inverse_cdf", "sample_tokens"]
+__all__ = ["candidate_count", "cfg_weight", "flip_margins", "guided_logits", "mix_cfg", "nucleus_keep",
+           "sample_inverse_cdf", "sample_tokens"]
 
 Scalar = float | int | torch.Tensor
 
@@ -61,6 +62,11 @@ def sample_inverse_cdf(logits_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Te
     return idx_Bl.clamp_max(logits_BlV.shape[-1] - 1)
 
 
+def guided_logits(logits_2BlV: torch.Tensor, cfg_t: Scalar, temperature: Scalar) -> torch.Tensor:
+    """What the sampler draws from: CFG-mixed logits divided by the temperature, (B, l, V) fp32."""
+    return mix_cfg(logits_2BlV.float(), cfg_t) / torch.as_tensor(temperature, dtype=torch.float32)
+
+
 def sample_tokens(logits_2BlV: torch.Tensor, u_Bl: torch.Tensor, *, cfg_t: Scalar, temperature: Scalar,
                   top_k: Scalar, top_p: Scalar, candidates: int | None = None) -> torch.Tensor:
     """CFG mix, temperature, top-k/top-p, inverse-CDF sample: (2B, l, V) logits -> (B, l) tokens.
@@ -70,10 +76,46 @@ def sample_tokens(logits_2BlV: torch.Tensor, u_Bl: torch.Tensor, *, cfg_t: Scala
     drawn in the order of decreasing probability, which has the same distribution as drawing in
     vocabulary order and needs one sort for both filters.
     """
-    logits_BlV = mix_cfg(logits_2BlV.float(), cfg_t) / torch.as_tensor(temperature, dtype=torch.float32)
+    sorted_BlK, idx_BlK, keep_BlK = _filtered(guided_logits(logits_2BlV, cfg_t, temperature), top_k, top_p, candidates)
+    pos_Bl = sample_inverse_cdf(sorted_BlK.masked_fill(~keep_BlK, float("-inf")), u_Bl)
+    return idx_BlK.gather(-1, pos_Bl.unsqueeze(-1)).squeeze(-1)
+
+
+def _filtered(logits_BlV: torch.Tensor, top_k: Scalar, top_p: Scalar,
+              candidates: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates sorted (logits, vocabulary indices) and which of them top-k / top-p keep."""
     if candidates is None:
         candidates = candidate_count(int(top_k), logits_BlV.shape[-1])
     sorted_BlK, idx_BlK = logits_BlV.topk(candidates, dim=-1)
-    keep_BlK = nucleus_keep(sorted_BlK, top_k, top_p)
-    pos_Bl = sample_inverse_cdf(sorted_BlK.masked_fill(~keep_BlK, float("-inf")), u_Bl)
-    return idx_BlK.gather(-1, pos_Bl.unsqueeze(-1)).squeeze(-1)
+    return sorted_BlK, idx_BlK, nucleus_keep(sorted_BlK, top_k, top_p)
+
+
+def flip_margins(logits_2BlV: torch.Tensor, u_Bl: torch.Tensor, idx_Bl: torch.Tensor, other_Bl: torch.Tensor, *,
+                 cfg_t: Scalar, temperature: Scalar, top_k: Scalar, top_p: Scalar,
+                 candidates: int | None = None) -> torch.Tensor:
+    """How close each token drawn with :func:`sample_tokens` was to being ``other`` instead, (B, l).
+
+    The draw takes the first token whose cumulative probability, in order of decreasing logit,
+    reaches u; it turns into ``other`` when the two swap places in that order or when the CDF
+    boundary between them passes u. The margin is the smaller of the two distances, as a change
+    of the guided logits: half the logit gap between the two tokens, and half the log-odds
+    distance between the boundary and u (moving the logits before it by -d and after it by +d
+    moves its log-odds by 2d). 0 where the tokens are equal; inf for a token top-k / top-p drop.
+    """
+    logits_BlV = guided_logits(logits_2BlV, cfg_t, temperature)
+    sorted_BlK, idx_BlK, keep_BlK = _filtered(logits_BlV, top_k, top_p, candidates)
+    cdf_BlK = sorted_BlK.masked_fill(~keep_BlK, float("-inf")).double().softmax(dim=-1).cumsum(dim=-1)
+    K = keep_BlK.shape[-1]
+
+    def rank(tok_Bl: torch.Tensor) -> torch.Tensor:
+        hit_BlK = (idx_BlK == tok_Bl.unsqueeze(-1)) & keep_BlK
+        return torch.where(hit_BlK.any(-1), hit_BlK.double().argmax(-1), K)
+
+    r_Bl = torch.minimum(rank(idx_Bl), rank(other_Bl))
+    edge_Bl = cdf_BlK.gather(-1, r_Bl.clamp_max(K - 1).unsqueeze(-1)).squeeze(-1)
+    odds = lambda p: torch.logit(p.clamp(1e-12, 1 - 1e-12))  # noqa: E731
+    boundary_Bl = 0.5 * (odds(edge_Bl) - odds(u_Bl.double())).abs()
+    gap_Bl = 0.5 * (logits_BlV.gather(-1, idx_Bl.unsqueeze(-1)) - logits_BlV.gather(-1, other_Bl.unsqueeze(-1)))
+    margin_Bl = torch.minimum(boundary_Bl, gap_Bl.squeeze(-1).abs().double())
+    margin_Bl = torch.where(torch.maximum(rank(idx_Bl), rank(other_Bl)) >= K, torch.inf, margin_Bl)
+    return torch.where(idx_Bl == other_Bl, 0.0, margin_Bl)

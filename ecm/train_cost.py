@@ -16,7 +16,7 @@ import torch
 from ecm.adapters import ECM, ecm_config
 from ecm.control_train import ControlData, ECMTask
 from ecm.controls import Control
-from ecm.data import InMemory, ProceduralShapes
+from ecm.data import ProceduralShapes
 from ecm.default_model import load_backbone
 from ecm.train import Dist
 
@@ -31,8 +31,8 @@ def iteration_cost(iters: int = 30, batch: int = 32, strength: float = 0.8, warm
     vae, var = load_backbone()
     var.requires_grad_(False)
     progress(f"tokenizing {images} procedural images for training ...")
-    data = ControlData(InMemory(ProceduralShapes(images, vae.config.resolution, seed=0)),
-                       Control("canny", resolution=vae.config.resolution), vae)
+    data = ControlData(ProceduralShapes(images, vae.config.resolution, seed=0),
+                       Control("canny", resolution=vae.config.resolution), vae, show=False)
     ecm = ECM(ecm_config(var.config, vae.config.downsample))
     opt = torch.optim.AdamW(ecm.parameters(), lr=1e-4)
     tasks = {s: ECMTask(ecm.train(), var, data, batch, Dist(), s, 0.1) for s in (0.0, strength)}

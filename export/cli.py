@@ -5,7 +5,6 @@ The command sits above both export and calibration: int8 exports go through ``ec
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -31,18 +30,18 @@ def latest_training_run(where: Path = Path(".")) -> Path | None:
 
 def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: Path | None,
                         with_ecm: bool) -> tuple[Path | None, Path | None, Path | None, str]:
-    """Which checkpoints to export, and a line saying so: given ones, the latest run here, or the default."""
-    if with_ecm and ecm_path is None:
-        run = latest_training_run()
-        if run is not None:
-            used = json.loads((run.parent / "run.json").read_text())
-            vae_path = vae_path or (None if used.get("vae", "default") == "default" else Path(used["vae"]))
-            var_path = var_path or (None if used.get("var", "default") == "default" else Path(used["var"]))
-            return run, vae_path, var_path, f"exporting the latest ecm-train result, {run}"
+    """Which checkpoints to export, and a line saying so: the given adapters (else the latest run here, else
+    the embedded default's) on the given backbone, else the one their training run recorded."""
     if not with_ecm:
         return None, vae_path, var_path, "exporting the backbone alone (no adapters)"
-    what = ecm_path or "the embedded default adapters"
-    return ecm_path, vae_path, var_path, f"exporting {what}"
+    from ecm.control_train import trained_backbone
+
+    what = f"exporting {ecm_path or 'the embedded default adapters'}"
+    if ecm_path is None and (run := latest_training_run()) is not None:
+        ecm_path, what = run, f"exporting the latest ecm-train result, {run}"
+    if ecm_path is not None and vae_path is None and var_path is None:
+        vae_path, var_path = trained_backbone(ecm_path)
+    return ecm_path, vae_path, var_path, what
 
 
 @click.command()

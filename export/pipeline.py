@@ -214,7 +214,8 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
 
 
 def _commit(tmp: Path, out_dir: Path) -> list[Path]:
-    """Move a finished export into place: old manifest out first, new manifest in last."""
+    """Move a finished export into place: old manifest out first, new manifest in last, then the files of
+    an earlier export that this one does not hold (graphs, plans, reports, golden data) go."""
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     moved = []
     try:
@@ -226,6 +227,10 @@ def _commit(tmp: Path, out_dir: Path) -> list[Path]:
             os.replace(src, dst)
             moved.append(dst)
         os.replace(tmp / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+        stale = {*out_dir.glob("var_ecm*"), *out_dir.glob("golden/*")} - {*moved, out_dir / MANIFEST_NAME}
+        for path in stale:
+            if path.is_file():
+                path.unlink()
     except OSError as e:
         raise ECMError(f"cannot write the export into {out_dir}: {e.strerror or e}; "
                        "free some space or choose another --out folder") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .controls import control_type
 from .engine import BACKENDS, default_engine, open_engine
 from .errors import ECMError, exit_on_error
 from .images import grid, prepare_condition, read_image, save_png, zoom
@@ -27,8 +28,9 @@ def check_writable(path: Path) -> None:
         raise ECMError(f"cannot write {path}; choose a writable --out file")
 
 
-def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None) -> list[np.ndarray]:
-    """Each ``--cond`` as the control graph's uint8 input; ``--control canny`` extracts edges from photos."""
+def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None,
+                    raw: bool = False) -> list[np.ndarray]:
+    """Each ``--cond`` as the control graph's uint8 input; ``--control <type>`` extracts the map from photos."""
     if m.control is None:
         if paths or control:
             raise ECMError("this engine has no control adapters (exported with --no-ecm); drop --cond / --control")
@@ -36,9 +38,14 @@ def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None) -
     if not paths:
         raise ECMError(f"this engine follows {m.control.type!r} conditions: pass --cond with a control map "
                        f"(or a photo with --control {m.control.type})")
-    if control is not None and control != m.control.type:
-        raise ECMError(f"--control {control}, but this engine's adapters follow {m.control.type!r}")
-    return [prepare_condition(read_image(p), m.control, extract=control is not None) for p in paths]
+    if control is not None:
+        control_type(control)  # unknown: one line naming the known ones and the plug-in group
+        if control != m.control.type:
+            raise ECMError(f"--control {control}, but this engine's adapters follow {m.control.type!r}")
+        if raw:
+            raise ECMError("--raw-cond uses a condition as it is, --control extracts a map from it: pick one")
+    return [prepare_condition(read_image(p), m.control, extract=control is not None, raw=raw, source=str(p))
+            for p in paths]
 
 
 @click.command()
@@ -48,7 +55,10 @@ def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None) -
 @click.option("--cond", "conds", multiple=True, type=click.Path(path_type=Path),
               help="Condition image: a control map (white edges on black for Canny), or a photo with --control "
                    "canny. Repeat for several conditions.")
-@click.option("--control", default=None, help="Extract this control from --cond photos (canny).")
+@click.option("--control", default=None,
+              help="Extract this control's map from --cond photos (canny, or a control an installed plug-in declares).")
+@click.option("--raw-cond", is_flag=True,
+              help="Use --cond as it is: no check that it looks like the control's maps, no re-binarising.")
 @click.option("--class", "labels", multiple=True, type=int, default=(0,), show_default=True,
               help="Class label: one for all conditions, or one per --cond in the same order.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
@@ -73,8 +83,8 @@ def load_conditions(paths: tuple[Path, ...], m: Manifest, control: str | None) -
               help="ONNX Runtime CPU threads (0 = all cores).")
 @click.option("-v", "--verbose", is_flag=True, help="Print per-scale timings.")
 @exit_on_error
-def main(engine, conds, control, labels, seed, temperature, cfg, top_k, top_p, num_images, batch, out, save_steps,
-         backend, device, threads, verbose) -> None:
+def main(engine, conds, control, raw_cond, labels, seed, temperature, cfg, top_k, top_p, num_images, batch, out,
+         save_steps, backend, device, threads, verbose) -> None:
     """Generate images with an exported ECM engine, scale by scale, without torch."""
     check_writable(out)
     if engine is None:
@@ -85,7 +95,7 @@ def main(engine, conds, control, labels, seed, temperature, cfg, top_k, top_p, n
             raise ECMError(f"--class {label} is out of range: this model has {m.num_classes} classes "
                            f"(0..{m.num_classes - 1})")
     sampling = Sampling.defaults(m, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
-    conditions = load_conditions(conds, m, control)
+    conditions = load_conditions(conds, m, control, raw_cond)
     if len(labels) not in (1, len(conditions)):
         raise ECMError(f"{len(labels)} --class values for {len(conditions)} conditions; give one, or one per --cond")
     labels = labels * len(conditions) if len(labels) == 1 else labels

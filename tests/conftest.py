@@ -43,3 +43,12 @@ def fp32_export(tiny_pair, tiny_ecm, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp32")
     return export_model(tiny_pair[1], tiny_ecm, out, ExportOptions(precision="fp32", static_scales=True),
                         progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def fp16_export(tiny_pair, tiny_ecm, tmp_path_factory):
+    """The same in fp16."""
+    from ecm.export.pipeline import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("fp16")
+    return export_model(tiny_pair[1], tiny_ecm, out, ExportOptions(precision="fp16"), progress=lambda _: None)

@@ -20,19 +20,28 @@ def invoke(args):
 
 
 def test_export_picks_the_latest_training_run(tmp_path, monkeypatch):
-    """With no checkpoint arguments, the newest runs/*/ecm.safetensors here is exported."""
+    """With no checkpoint arguments, the newest runs/*/ecm.safetensors here is exported, on the backbone its
+    run.json records (here an fp32 copy of the embedded one stored elsewhere: other bytes, same weights)."""
+    from ecm.checkpoint import save_model
+    from ecm.default_model import load_backbone
+
+    vae, var = load_backbone()
+    save_model(vae, tmp_path / "bb" / "vae.safetensors", "vqvae", vae.config)
+    save_model(var, tmp_path / "bb" / "var.safetensors", "var", var.config)
     run = tmp_path / "runs" / "ecm-canny"
     run.mkdir(parents=True)
     shutil.copy(default_paths()[2], run / "ecm.safetensors")
-    (run / "run.json").write_text(json.dumps({"command": "ecm-train", "vae": "default", "var": "default"}))
+    (run / "run.json").write_text(json.dumps({"command": "ecm-train", "vae": str(tmp_path / "bb" / "vae.safetensors"),
+                                              "var": str(tmp_path / "bb" / "var.safetensors")}))
     monkeypatch.chdir(tmp_path)
     code, out = invoke(["--precision", "fp32", "--no-build"])
     assert code == 0, out
     assert "latest ecm-train result" in out and "runs/ecm-canny/ecm.safetensors" in out
     m = Manifest.load(tmp_path)
     assert m.sources["ecm"] == sha256(run / "ecm.safetensors") and m.precision == "fp32"
+    assert m.sources["var"] == sha256(tmp_path / "bb" / "var.safetensors") != sha256(default_paths()[1])
     assert m.control.type == "canny" and (tmp_path / "var_ecm.verify.json").is_file()
-    assert "ONNX Runtime vs eager" in out and "tokens 100.00%" in out
+    assert "ONNX Runtime vs eager" in out and "free-running tokens identical at every scale" in out
 
 
 @pytest.mark.parametrize("args, message", [

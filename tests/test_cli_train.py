@@ -71,7 +71,7 @@ def test_train_then_resume_then_eval(tmp_path):
     code, out = invoke(evaluate, ["--ecm", str(run / "ecm.safetensors"), "--num-images", "2", "--grid", str(grid),
                                   "--json", str(js)])
     assert code == 0, out
-    assert "Canny F1 on 2 held-out images" in out
+    assert "canny F1 on 2 held-out images" in out
     figures = json.loads(js.read_text())
-    assert 0 <= figures["f1_ecm"] <= 1 and figures["f1_ground_truth"] == 1.0
+    assert figures["metric"] == "F1" and 0 <= figures["ecm"] <= 1 and figures["ground_truth"] == 1.0
     assert Image.open(grid).size[0] == 4 * 64 * 3

@@ -10,7 +10,7 @@ from ecm.runtime.errors import CheckpointError, ECMError
 from ecm.adapters import ECM, ecm_config
 from ecm.control_train import ControlData, load_ecm, sample_num_scales, save_ecm, train_ecm
 from ecm.controls import Control
-from ecm.data import InMemory, ProceduralShapes, to_model_range
+from ecm.data import ProceduralShapes, to_model_range
 from ecm.train import TrainSpec, tensor_hash
 from tests.conftest import randomize_
 
@@ -74,7 +74,7 @@ def test_early_centric_sampling():
 
 @pytest.fixture(scope="module")
 def control_data(tiny_pair):
-    return ControlData(InMemory(ProceduralShapes(32, 64, seed=3)), Control("canny", resolution=64), tiny_pair[0])
+    return ControlData(ProceduralShapes(32, 64, seed=3), Control("canny", resolution=64), tiny_pair[0], show=False)
 
 
 def run(tiny_pair, control_data, out, steps, resume=False, seed=0):

@@ -27,12 +27,6 @@ def quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def fp16_export(tiny_pair, tiny_ecm, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp16")
-    return export_model(tiny_pair[1], tiny_ecm, out, ExportOptions(precision="fp16"), quiet)
-
-
 def test_fp32_graphs_match_the_eager_model(fp32_export):
     report = json.loads((fp32_export.folder / VERIFY_NAME).read_text())
     assert report["batch"] >= 4 and len(report["scales"]) == 6

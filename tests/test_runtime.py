@@ -129,7 +129,8 @@ def test_plan_without_tensorrt(broken_copy, edge_png, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--engine", "/nonexistent/var_ecm.onnx"], "does not exist"),
     (["--class", "8"], "--class 8 is out of range: this model has 8 classes"),
-    (["--control", "depth"], "this engine's adapters follow 'canny'"),
+    (["--control", "folder:depth"], "this engine's adapters follow 'canny'"),
+    (["--control", "depth"], "unknown control type 'depth'; choose one of canny"),
     (["--top-k", "-3"], "top-k -3"),
     (["--temperature", "hot"], "temperature"),
     (["--out", "/proc/forbidden/o.png"], "cannot write"),
@@ -171,7 +172,7 @@ def test_tensorrt_backend_matches_onnx_runtime(fp32_export, edge_png, tmp_path):
 def test_the_three_commands_of_the_workflow(tmp_path, monkeypatch):
     """In an empty folder: ecm-train --control canny, ecm-export --precision fp16, ecm-run (minutes)."""
     from ecm.export.cli import main as export
-    from ecm.runtime.images import canny_edges
+    from ecm.runtime.controls import canny_edges
 
     from ecm.cli import train
     from ecm.data import ProceduralShapes

@@ -1,0 +1,178 @@
+"""Control types: how a condition map is made from a picture, and how closely an image follows one.
+
+Built in: ``canny`` (OpenCV Canny, thresholds 100 / 200 on the image at the model's resolution,
+the field's convention). More come as plug-ins, the Python way: a package declares an entry
+point in the group ``ecm.controls`` naming an extractor (uint8 RGB (H, W, 3) -> uint8 map) or a
+:class:`ControlType`, and once it is installed every command knows the control by the entry
+point's name (``ecm-train``, ``ecm-eval``, export calibration, ``ecm-run --control``).
+:func:`register_control` does the same inside one process. Maps made by other tools come from a
+folder instead (``folder:<name>``): those controls have no extractor. Torch-free, like the rest
+of the runtime, which extracts conditions from photos with these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import ConfigError, ECMError
+
+if TYPE_CHECKING:
+    from .manifest import ControlSpec
+
+ENTRY_POINTS = "ecm.controls"
+FOLDER = "folder:"
+Extractor = Callable[[np.ndarray], np.ndarray]
+
+
+def to_rgb_map(map_: np.ndarray) -> np.ndarray:
+    """A grey map (..., H, W) as RGB (..., H, W, 3): how control maps are fed to the model."""
+    return np.repeat(map_[..., None], 3, axis=-1)
+
+
+def canny_edges(img_HW3: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Binary edge map (0 / 255, uint8) of an RGB image: OpenCV Canny on its grey version."""
+    try:
+        import cv2
+    except ImportError:
+        raise ECMError("Canny edges need OpenCV: pip install opencv-python-headless") from None
+    return cv2.Canny(cv2.cvtColor(np.ascontiguousarray(img_HW3), cv2.COLOR_RGB2GRAY), low, high)
+
+
+def edge_f1(pred_HW: np.ndarray, target_HW: np.ndarray) -> float:
+    """Per-pixel F1 of two binary maps (non-zero = on); 1.0 when both are empty."""
+    p, t = pred_HW > 0, target_HW > 0
+    if p.sum() + t.sum() == 0:
+        return 1.0
+    return float(2 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
+
+
+def map_rmse(a_HW3: np.ndarray, b_HW3: np.ndarray) -> float:
+    """Root mean square difference of two uint8 maps, as a fraction of the full range (0 = equal)."""
+    diff = a_HW3.astype(np.float64) - b_HW3.astype(np.float64)
+    return float(np.sqrt(np.mean(diff**2)) / 255)
+
+
+@dataclass(frozen=True)
+class ControlType:
+    """A kind of condition: its extractor (None for maps from files) and what fidelity means for it.
+
+    ``binary`` controls (edges, lines) take two-valued maps: a condition that is not is refused
+    unless asked for, and maps are made two-valued after resizing. Fidelity is the F1 of the
+    generated image's re-extracted map against the condition for binary controls, else the RMSE
+    between the two maps (lower is better).
+    """
+
+    name: str
+    extractor: Extractor | None = None
+    binary: bool = False
+
+    @property
+    def metric(self) -> str:
+        return "F1" if self.binary else "map RMSE"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.binary
+
+    def extract(self, img_HW3: np.ndarray, spec: ControlSpec | None = None) -> np.ndarray:
+        """The condition map of a uint8 RGB image at the model's resolution, as uint8 (H, W, 3)."""
+        if self.extractor is None:
+            raise ECMError(f"maps of {self.name!r} come from another tool, so none can be extracted here; "
+                           "pass the map itself")
+        out = np.asarray(self.extractor(img_HW3))
+        if out.dtype != np.uint8 or out.shape[:2] != img_HW3.shape[:2] or out.ndim not in (2, 3):
+            raise ECMError(f"the {self.name!r} extractor returned {out.dtype} {out.shape}; a control extractor "
+                           f"must return a uint8 map of {img_HW3.shape[:2]} (grey or RGB)")
+        return to_rgb_map(out) if out.ndim == 2 else out
+
+    def score(self, image_HW3: np.ndarray, cond_HW3: np.ndarray, spec: ControlSpec | None = None) -> float:
+        """How closely a generated image follows ``cond``: see the class docstring."""
+        got = self.extract(image_HW3, spec)
+        if self.binary:
+            return edge_f1(got[..., 0], cond_HW3[..., 0])
+        return map_rmse(got, cond_HW3)
+
+
+class Canny(ControlType):
+    """OpenCV Canny with the thresholds the model was trained with (100 / 200 unless recorded otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__("canny", canny_edges, binary=True)
+
+    def extract(self, img_HW3: np.ndarray, spec: ControlSpec | None = None) -> np.ndarray:
+        low, high = (spec.canny_low, spec.canny_high) if spec is not None else (100, 200)
+        return to_rgb_map(canny_edges(img_HW3, low, high))
+
+
+_REGISTRY: dict[str, ControlType] = {"canny": Canny()}
+_plugins: list[str] = []  # entry points loaded so far, by name
+
+
+def register_control(name: str, *, binary: bool = False) -> Callable[[Extractor], Extractor]:
+    """Register ``fn(img_HW3_uint8) -> map_uint8`` as control type ``name`` in this process (a decorator).
+
+    ``binary``: its maps are two-valued (edges, lines, scribbles). A package makes a control known to
+    every ``ecm`` command by declaring an entry point in the group ``ecm.controls`` instead.
+    """
+    if not name or name.startswith(FOLDER) or ":" in name:
+        raise ConfigError(f"control name {name!r} is not allowed: use letters, digits, '-' or '_' "
+                          f"('{FOLDER}<name>' is for maps from a folder)")
+
+    def wrap(fn: Extractor) -> Extractor:
+        _REGISTRY[name] = ControlType(name, fn, binary)
+        return fn
+
+    return wrap
+
+
+def load_plugins() -> None:
+    """Register the controls that installed packages declare (entry-point group ``ecm.controls``), once each."""
+    for ep in metadata.entry_points(group=ENTRY_POINTS):
+        if ep.name in _plugins:
+            continue
+        _plugins.append(ep.name)
+        try:
+            obj = ep.load()
+        except Exception as e:  # a plug-in's own import error, whatever its type
+            raise ECMError(f"the control plug-in {ep.name!r} ({ep.value}) failed to load: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}; fix or "
+                           "uninstall the package that declares it") from None
+        if isinstance(obj, ControlType):
+            _REGISTRY[ep.name] = obj
+        elif callable(obj):
+            known = _REGISTRY.get(ep.name)
+            if known is None or known.extractor is not obj:  # not registered by the plug-in's own import
+                register_control(ep.name)(obj)
+        else:
+            raise ECMError(f"the control plug-in {ep.name!r} ({ep.value}) is a {type(obj).__name__}, not an "
+                           "extractor function or an ecm ControlType; fix the package that declares it")
+
+
+def control_names() -> list[str]:
+    """Every control type known here (plug-ins included), sorted."""
+    load_plugins()
+    return sorted(_REGISTRY)
+
+
+def find_control(name: str) -> ControlType | None:
+    """The control type ``name`` (``folder:<name>``: maps from files), or None if nothing declares it."""
+    if name.startswith(FOLDER) and len(name) > len(FOLDER):
+        return ControlType(name)
+    if name not in _REGISTRY:
+        load_plugins()
+    return _REGISTRY.get(name)
+
+
+def control_type(name: str) -> ControlType:
+    """The control type ``name``; an unknown name is a one-line error that lists the known ones."""
+    found = find_control(name)
+    if found is None:
+        raise ConfigError(f"unknown control type {name!r}; choose one of {', '.join(control_names())} or "
+                          f"{FOLDER}<name> (maps from a folder), or install a package that declares {name!r} in "
+                          f"the entry-point group {ENTRY_POINTS}")
+    return found
