@@ -37,7 +37,7 @@ default-model: setup
 	$(BIN)/ecm-pretrain --out runs/default/backbone
 	$(BIN)/ecm-train --control canny --vae runs/default/backbone/vqvae.safetensors \
 	    --var runs/default/backbone/var.safetensors --steps 6000 --out runs/default/ecm-canny
-	$(BIN)/python -m ecm.default_model --backbone runs/default/backbone --ecm runs/default/ecm-canny/ecm.safetensors
+	$(BIN)/ecm-pack-default --backbone runs/default/backbone --ecm runs/default/ecm-canny/ecm.safetensors
 
 # Every speed and size figure side by side (about ten minutes on two CPU cores): ecm-bench.png, ecm-bench.json.
 bench: setup

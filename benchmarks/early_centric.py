@@ -1,7 +1,7 @@
 """Early-centric vs full-sequence ECM training: tokens and seconds per iteration, side by side.
 
 Both settings train the same ECM on the same backbone and data; iterations alternate between
-them so that machine noise hits both alike (``ecm.train_cost``; ``ecm-bench`` reports the same
+them so that machine noise hits both alike (``ecm.bench.train_cost``; ``ecm-bench`` reports the same
 with fewer iterations). Prints the measured means and their ratios.
 
     python benchmarks/early_centric.py                 # embedded default model
@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 from ecm.runtime.errors import exit_on_error
 
-from ecm.train_cost import cost_lines, iteration_cost
+from ecm.bench.train_cost import cost_lines, iteration_cost
 
 
 @click.command()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 from ecm.export.pipeline import ExportOptions, export_model
-from models import d16_proportioned
 
-from ecm.default_model import load_default
+from ecm.bench.models import d16_proportioned
+from ecm.model.embedded import load_default
 
 
 @click.command()

@@ -23,10 +23,10 @@ from ecm.export.pipeline import ExportOptions, export_model
 from ecm.runtime.loop import Sampling, ScaleLoop
 from ecm.runtime.manifest import Manifest
 from ecm.runtime.ort_backend import OrtBackend
-from models import d16_proportioned
 
-from ecm.default_model import load_default
-from ecm.measure import condition, per_image
+from ecm.bench.models import d16_proportioned
+from ecm.bench.timing import condition, per_image
+from ecm.model.embedded import load_default
 
 
 def file_mb(folder: Path, name: str) -> float:

@@ -11,7 +11,7 @@ the ten official scales, 4096 codes; 4 blocks + 2 ECM adapters, so it runs on tw
   ONNX Runtime up, a fixed ~9 MB reported apart) against its weights + KV cache, and RSS
   growth over 20 consecutive images, measured in a fresh process per model.
 
-The measuring itself is ``ecm.measure``'s, as in ``ecm-bench``, which reports these figures beside
+The measuring itself is ``ecm.bench.timing``'s, as in ``ecm-bench``, which reports these figures beside
 the other backends and precisions.
 
     python benchmarks/runtime.py [--repeats 5]
@@ -28,8 +28,10 @@ import torch
 from ecm.export.pipeline import ExportOptions, export_model
 from ecm.runtime.manifest import Manifest
 
-from ecm.bench import eager_generation, runtime_generation
-from ecm.measure import alternate, images_per_round, load_model, probe_memory
+from ecm.bench.memory import probe_memory
+from ecm.bench.models import load_model
+from ecm.bench.suite import eager_generation, runtime_generation
+from ecm.bench.timing import alternate, images_per_round
 
 
 def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:

@@ -22,19 +22,15 @@ from ecm.calibration.quantize import prepare, quantize_cpu, quantize_qdq, quanti
 from ecm.calibration.record import calibration_set, check_source, control_feeds, step_feeds
 from ecm.calibration.report import int8_report
 from ecm.export.pipeline import ExportOptions, ExportResult, Progress, export_model
-from ecm.runtime.engine import cache_dir
 from ecm.runtime.errors import ConfigError
-from ecm.runtime.manifest import CPU_FORM, Manifest
+from ecm.runtime.files import cache_dir
+from ecm.runtime.manifest import CPU_FORM, Manifest, graph_file
 
-from ecm.adapters import ECM
-from ecm.var import VAR
+from ecm.model.adapters import ECM
+from ecm.model.var import VAR
 
 WEIGHT_ONLY_OPSET = 19  # DequantizeLinear with fp16 scales
 QUANTIZED_ROLES = ("step", "control")  # the decoder stays fp32: convolutions over few pixels, cheap
-
-
-def cpu_form_name(onnx_name: str) -> str:
-    return onnx_name.removesuffix(".onnx") + ".cpu.onnx"
 
 
 def choose_activations(agreement: list[float], minimum: float, progress: Progress) -> str:
@@ -88,8 +84,8 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
                     if activations == "fp16":
                         progress(f"quantizing {name} (W8A16, weight-only) ...")
                         quantize_weights(prep, tmp / name)
-                    quantize_cpu(prep, tmp / cpu_form_name(name))
-                m.graphs[role + CPU_FORM] = cpu_form_name(name)
+                    quantize_cpu(prep, tmp / graph_file(role + CPU_FORM))
+                m.graphs[role + CPU_FORM] = graph_file(role + CPU_FORM)
             for name in m.graphs.values():
                 if not (tmp / name).exists():  # the decoder stays fp32
                     for path in fp32.glob(name + "*"):

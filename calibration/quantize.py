@@ -21,11 +21,9 @@ in fp32 (head, embeddings) are stored as fp16 and widened once when the graph is
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import onnx
 from ecm.calibration.options import SMOOTH_ALPHA, check_scope
 from ecm.export.onnx_files import load_onnx, save_onnx
+from ecm.export.quiet import quiet
 from ecm.runtime.errors import ECMError
 from onnx import helper, numpy_helper
 
@@ -234,7 +233,7 @@ def activation_ranges(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], 
         save_tensors_data,
     )
 
-    class One(CalibrationDataReader):
+    class SingleFeed(CalibrationDataReader):
         def __init__(self, feed: dict[str, np.ndarray]):
             self.feed: dict[str, np.ndarray] | None = feed
 
@@ -247,7 +246,7 @@ def activation_ranges(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], 
                                    extra_options={"symmetric": True})
     count = 0
     for feed in feeds:
-        calibrator.collect_data(One(feed))
+        calibrator.collect_data(SingleFeed(feed))
         count += 1
     if count == 0:
         raise ECMError("no calibration data: the calibration set is empty")
@@ -259,7 +258,7 @@ def quantize_qdq(prep: Prepared, dst: Path, feeds: Feeds, alpha: float = SMOOTH_
     activation ranges from ``feeds()`` (called once more for the channel maxima when smoothing)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with tempfile.TemporaryDirectory(prefix="ecm-quant-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="ecm-quant-") as tmp, quiet():
         path = Path(tmp) / prep.path.name
         model = load_onnx(prep.path)
         if alpha > 0:
@@ -288,7 +287,7 @@ def quantize_cpu(prep: Prepared, dst: Path) -> None:
     block of ``CPU_BLOCK`` inputs, activations quantized per block on the fly (``CPU_ACCURACY``)."""
     model = load_onnx(prep.path)
     keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in prep.nodes]
-    with _quiet():  # nodes_to_include would only add to every MatMul: name what stays instead
+    with quiet():  # nodes_to_include would only add to every MatMul: name what stays instead
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=CPU_BLOCK, is_symmetric=True,
@@ -356,19 +355,3 @@ def teacher_agreement(reference: Path, quantized: Path, feeds: Iterable[dict[str
         same[si] += np.sum(want == got)
         total[si] += want.size
     return (same / np.maximum(total, 1)).tolist()
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence ONNX Runtime's quantization tools inside the block: their advice to pre-process (our shapes
-    are known), their info lines, and the logging set-up one of them does when imported
-    (``logging.basicConfig`` at INFO), which is undone on the way out so later exports stay quiet."""
-    root = logging.getLogger()
-    level, handlers, disabled = root.level, root.handlers[:], logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(disabled)
-        root.setLevel(level)
-        root.handlers[:] = handlers

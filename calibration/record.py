@@ -31,9 +31,10 @@ from ecm.runtime.manifest import Manifest
 from ecm.runtime.ort_backend import OrtBackend
 from ecm.runtime.sampling import draw_uniforms
 
-from ecm.adapters import ECM
-from ecm.data import to_model_range
-from ecm.var import VAR
+from ecm.model.adapters import ECM
+from ecm.model.checkpoint import tensor_hash
+from ecm.model.pixels import to_model_range
+from ecm.model.var import VAR
 
 META_NAME = "calibration.json"
 FORMAT = 1
@@ -55,16 +56,11 @@ class CalibrationMeta:
 
 
 def model_fingerprint(var: VAR, ecm: ECM | None) -> str:
-    """sha256 over every weight of the VQVAE, the VAR and the adapters (names, shapes, values)."""
-    h = hashlib.sha256()
-    parts = [("vae", var.vae), ("var", var)] + ([("ecm", ecm)] if ecm is not None else [])
-    for prefix, module in parts:
-        for name, t in sorted(module.state_dict().items()):
-            if name.startswith("vae."):  # the VQVAE attached to the VAR is hashed once, above
-                continue
-            h.update(f"{prefix}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """sha256 over every weight of the VQVAE, the VAR and the adapters (names, shapes, exact values)."""
+    parts = {f"vae.{k}": v for k, v in var.vae.state_dict().items()}
+    parts.update({f"var.{k}": v for k, v in var.state_dict().items()})
+    parts.update({f"ecm.{k}": v for k, v in (ecm.state_dict() if ecm is not None else {}).items()})
+    return tensor_hash(parts, exact=True, length=64)
 
 
 def image_paths(folder: Path) -> list[Path]:
@@ -246,18 +242,19 @@ def step_feeds(cset: CalibrationSet, fp32_folder: Path, m: Manifest) -> Iterator
     The fp32 graphs are teacher-forced along each recorded trajectory, which fills the loop's KV
     caches exactly as that generation filled them; each scale's feeds are then copied out.
     """
-    backend = OrtBackend(fp32_folder, m)
     sampling = Sampling(**cset.meta.sampling)
     loops: dict[int, ScaleLoop] = {}
-    for arrays in cset.batches():
-        labels, cond = arrays["labels"], arrays.get("cond")
-        B = len(labels)
-        loop = loops.setdefault(B, ScaleLoop(m, backend, B))
-        K = m.num_scales
-        teacher = Trajectory(x_in=[arrays[f"x{si}"] for si in range(K)], f_hat_in=[arrays[f"f{si}"] for si in range(K)])
-        uniforms = [arrays[f"u{si}"] for si in range(K)]
-        loop.run(labels, cond, sampling, uniforms=uniforms, teacher=teacher, decode=False)
-        for si, pn in enumerate(m.patch_nums):
-            feeds = loop.step_feeds(si, labels, teacher.x_in[si], teacher.f_hat_in[si],
-                                    uniforms[si].reshape(B, pn, pn), sampling)
-            yield {k: np.array(v) for k, v in feeds.items()}
+    K = m.num_scales
+    with OrtBackend(fp32_folder, m) as backend:
+        for arrays in cset.batches():
+            labels, cond = arrays["labels"], arrays.get("cond")
+            B = len(labels)
+            loop = loops.setdefault(B, ScaleLoop(m, backend, B))
+            teacher = Trajectory(x_in=[arrays[f"x{si}"] for si in range(K)],
+                                 f_hat_in=[arrays[f"f{si}"] for si in range(K)])
+            uniforms = [arrays[f"u{si}"] for si in range(K)]
+            loop.run(labels, cond, sampling, uniforms=uniforms, teacher=teacher, decode=False)
+            for si, pn in enumerate(m.patch_nums):
+                feeds = loop.step_feeds(si, labels, teacher.x_in[si], teacher.f_hat_in[si],
+                                        uniforms[si].reshape(B, pn, pn), sampling)
+                yield {k: np.array(v) for k, v in feeds.items()}

@@ -15,13 +15,13 @@ from ecm.export.verify import Reference, compare, eager_reference
 from ecm.runtime.controls import control_type
 from ecm.runtime.files import write_json
 from ecm.runtime.images import grid, save_png, zoom
-from ecm.runtime.manifest import Manifest
+from ecm.runtime.manifest import STEM, Manifest
 
-from ecm.adapters import ECM
-from ecm.var import VAR
+from ecm.model.adapters import ECM
+from ecm.model.var import VAR
 
-REPORT_NAME = "var_ecm.int8.json"
-PICTURE_NAME = "var_ecm.int8.png"
+REPORT_NAME = f"{STEM}.int8.json"
+PICTURE_NAME = f"{STEM}.int8.png"
 SHOWN = 8  # rows of the side-by-side picture
 
 

@@ -11,16 +11,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "VQVAE": "ecm.vqvae",
-    "VAR": "ecm.var",
-    "KVCache": "ecm.kv_cache",
-    "ECM": "ecm.adapters",
-    "load_default": "ecm.default_model",
-    "Generation": "ecm.var",
-    "VQVAEConfig": "ecm.config",
-    "VARConfig": "ecm.config",
-    "vqvae_config": "ecm.config",
-    "var_config": "ecm.config",
+    "VQVAE": "ecm.model.vqvae",
+    "VAR": "ecm.model.var",
+    "KVCache": "ecm.model.kv_cache",
+    "ECM": "ecm.model.adapters",
+    "load_default": "ecm.model.embedded",
+    "Generation": "ecm.model.var",
+    "VQVAEConfig": "ecm.model.config",
+    "VARConfig": "ecm.model.config",
+    "vqvae_config": "ecm.model.config",
+    "var_config": "ecm.model.config",
+    "register_control": "ecm.runtime.controls",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ecm.adapters import ECM
-from ecm.var import VAR
+from ecm.model.adapters import ECM
+from ecm.model.var import VAR
 
 
 @torch.no_grad()

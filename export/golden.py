@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from ecm.export.quiet import quiet
 from ecm.export.verify import conditions
 from ecm.runtime.files import atomic_path
 from ecm.runtime.loop import Arrays, Sampling, ScaleLoop
@@ -23,13 +24,11 @@ def golden_scales(m: Manifest) -> list[int]:
 
 def save_golden(folder: Path, m: Manifest) -> list[Path]:
     """Run one real generation, then save polygraphy inputs/outputs for chosen feeds of every graph."""
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.ERROR
     labels, cond = conditions(m, m.batch)
     sampling = Sampling.defaults(m)
-    loop = ScaleLoop(m, OrtBackend(folder, m), m.batch)
-    traj = loop.run(labels, cond, sampling, record=True)  # leaves the full KV cache in the loop's buffers
+    with OrtBackend(folder, m) as backend:
+        loop = ScaleLoop(m, backend, m.batch)
+        traj = loop.run(labels, cond, sampling, record=True)  # leaves the full KV cache in the loop's buffers
     cases: list[tuple[str, str, Arrays]] = []
     if cond is not None:
         cases.append(("control", "control", {"cond": cond}))
@@ -53,7 +52,8 @@ def _run(onnx_path: Path, name: str, feeds: Arrays, gold: Path) -> tuple[Path, P
     from polygraphy.json import save_json
 
     feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-    results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(onnx_path)))], data_loader=[feeds])
+    with quiet():
+        results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(onnx_path)))], data_loader=[feeds])
     inputs, outputs = gold / f"{name}.inputs.json", gold / f"{name}.outputs.json"
     with atomic_path(inputs) as tmp:
         save_json([feeds], str(tmp))

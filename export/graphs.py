@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 from ecm.export.fold import ClassTable
 
-from ecm import resample
-from ecm.adapters import ECM
-from ecm.sampling import sample_tokens
-from ecm.var import VAR
-from ecm.vqvae import VQVAE
+from ecm.model import interpolate
+from ecm.model.adapters import ECM
+from ecm.model.pixels import to_model_range, to_pixels
+from ecm.model.sampler import sample_tokens
+from ecm.model.var import VAR
+from ecm.model.vqvae import VQVAE
 
 
 class StackedCache:
@@ -91,10 +92,10 @@ class StepGraph(nn.Module):
 
         idx_Bl = sample_tokens(logits_2BlV, u.flatten(1), cfg_t=cfg, temperature=temperature, top_k=top_k,
                                top_p=top_p, candidates=self.candidates)
-        up_BChw = resample.separable(up, self.quant.embed(idx_Bl, pn))
+        up_BChw = interpolate.separable(up, self.quant.embed(idx_Bl, pn))
         phis = self.quant.quant_resi.qresi_ls
         f_hat_out = f_hat + sum(phi[i] * phis[i](up_BChw) for i in range(len(phis)))
-        x_next = resample.separable(down, f_hat_out)
+        x_next = interpolate.separable(down, f_hat_out)
         outputs = (logits_2BlV, idx_Bl, f_hat_out, x_next, *cache.outputs())
         return outputs if adapter_cache is None else (*outputs, *adapter_cache.outputs())
 
@@ -107,8 +108,7 @@ class ControlGraph(nn.Module):
         self.ecm = ecm
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        ctrl_B3HW = cond.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # as ecm.data.to_model_range
-        return self.ecm.control_tokens(ctrl_B3HW).transpose(0, 1)
+        return self.ecm.control_tokens(to_model_range(cond)).transpose(0, 1)
 
 
 class DecoderGraph(nn.Module):
@@ -119,5 +119,4 @@ class DecoderGraph(nn.Module):
         self.vae = vae
 
     def forward(self, f_hat: torch.Tensor) -> torch.Tensor:
-        img_B3HW = self.vae.fhat_to_img(f_hat) * 0.5 + 0.5
-        return (img_B3HW.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # as evaluate.to_uint8
+        return to_pixels(self.vae.fhat_to_img(f_hat) * 0.5 + 0.5)

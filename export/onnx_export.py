@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
+import inspect
 import warnings
+from io import StringIO
 from pathlib import Path
 
 import onnx
 import torch
 import torch.nn as nn
-from ecm.runtime.errors import ECMError
-from ecm.runtime.manifest import TensorSpec
+from ecm.export.quiet import quiet
+from ecm.runtime.errors import ECMError, first_line
+from ecm.runtime.manifest import GraphIO, Tensor
 from torch.export import Dim
 
 #: Opsets the exporter accepts: 17 brings LayerNormalization; TensorRT 10.3 parses up to 20,
@@ -21,22 +22,21 @@ MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 21, 20
 #: TensorRT's TopK takes K <= 3840: the most candidates a step graph may sort.
 MAX_CANDIDATES = 3840
 
-# Which axes of which step input are symbolic: one graph serves every scale and batch size.
-_BATCH, _PN, _PAST, _NEXT = Dim("batch"), Dim("pn"), Dim("past"), Dim("pn_next")
-STEP_DYNAMIC = {
-    "label": {0: _BATCH}, "x_in": {0: _BATCH, 2: _PN, 3: _PN}, "f_hat": {0: _BATCH},
-    "past_k": {0: _PAST, 2: 2 * _BATCH}, "past_v": {0: _PAST, 2: 2 * _BATCH}, "u": {0: _BATCH, 1: _PN, 2: _PN},
-    "up": {1: _PN}, "down": {0: _NEXT}, "ctrl": {0: _PN, 1: _PN, 2: _BATCH},
-    "past_ak": {0: _PAST, 2: 2 * _BATCH}, "past_av": {0: _PAST, 2: 2 * _BATCH},
-}
-BATCH_DYNAMIC = {"cond": {0: _BATCH}, "f_hat": {0: _BATCH}}
+#: The symbolic axes the manifest names (``Tensor.axes``), as torch.export dimensions; 'k*name' is k times one.
+DIMS = {name: Dim(name) for name in ("batch", "pn", "past", "pn_next")}
 
 
-def example_inputs(specs: dict[str, TensorSpec], seed: int = 0) -> dict[str, torch.Tensor]:
+def dim(axis: str) -> Dim:
+    """The torch.export dimension of a manifest axis name ('batch', '2*batch', ...)."""
+    times, _, name = axis.rpartition("*")
+    return int(times) * DIMS[name] if times else DIMS[name]
+
+
+def example_inputs(specs: dict[str, Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
     """Tensors of the given shapes: valid labels and top-k, uniforms in (0, 1], noise elsewhere."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, (shape, dtype) in specs.items():
+    for name, (shape, dtype, _) in specs.items():
         if dtype == "int64":
             t = torch.ones(shape, dtype=torch.int64)
         elif dtype == "uint8":
@@ -53,43 +53,36 @@ def check_opset(opset: int) -> None:
                        f"(default {DEFAULT_OPSET}: TensorRT 10.3 parses up to 20)")
 
 
-def export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], path: Path,
-                 opset: int, dynamic: dict[str, dict[int, Dim]] | None) -> None:
-    """Export ``module(**inputs)`` to ``path``, its weights in ``<path>.data`` beside it.
+def export_graph(module: nn.Module, io: GraphIO, path: Path, opset: int, dynamic: bool = True) -> None:
+    """Export ``module`` traced on example inputs of ``io`` to ``path``, its weights in ``<path>.data`` beside it.
 
+    Inputs and outputs take ``io``'s names, in its order; with ``dynamic`` the axes it names stay
+    symbolic (one graph for every scale and batch size), else the graph is fully static.
     External weights are memory-mapped by ONNX Runtime instead of being parsed into a protobuf
     and copied (a quarter less resident memory here), and lift the 2 GB protobuf limit.
     """
+    params = inspect.signature(module.forward).parameters
+    required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
+    if not required <= set(io.inputs) <= set(params):
+        raise ValueError(f"{type(module).__name__}.forward takes {list(params)}, the manifest's graph "
+                         f"{list(io.inputs)}")
+    inputs = example_inputs(io.inputs)
     dynamic_shapes = None
-    if dynamic is not None:
-        dynamic_shapes = {name: dynamic.get(name) for name in inputs}
-    quiet = io.StringIO()
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
+    if dynamic:
+        dynamic_shapes = {name: {i: dim(a) for i, a in enumerate(t.axes) if a} or None for name, t in io.inputs.items()}
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(StringIO()), quiet():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        opset_version=opset, input_names=list(inputs), output_names=output_names,
+                                        opset_version=opset, input_names=list(inputs), output_names=list(io.outputs),
                                         verbose=False)
         except Exception as e:  # the exporter raises many types; the message is what a user can act on
-            raise ECMError(f"ONNX export of {path.name} failed: {str(e).splitlines()[0][:300]}") from None
+            raise ECMError(f"ONNX export of {path.name} failed: {first_line(e, 300)}") from None
     try:
         program.save(str(path), external_data=True)
     except OSError as e:
         raise ECMError(f"cannot write {path}: {e.strerror or e}; free some disk space or choose another --out") \
             from None
-
-
-@contextlib.contextmanager
-def _quiet_loggers():
-    names = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "torch.fx.experimental.symbolic_shapes")
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
-    for logger, _ in saved:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)
 
 
 def onnx_io(path: Path) -> tuple[dict[str, list], dict[str, list]]:

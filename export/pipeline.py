@@ -16,7 +16,6 @@ export was interrupted has no manifest and is never taken for a valid one)::
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import shutil
 import tempfile
@@ -29,28 +28,20 @@ import torch
 import torch.nn as nn
 from ecm.export.fold import fold_class_tables, fold_ecm_norms
 from ecm.export.graphs import ControlGraph, DecoderGraph, StepGraph
-from ecm.export.onnx_export import (
-    BATCH_DYNAMIC,
-    DEFAULT_OPSET,
-    MAX_CANDIDATES,
-    STEP_DYNAMIC,
-    check_opset,
-    example_inputs,
-    export_graph,
-)
+from ecm.export.onnx_export import DEFAULT_OPSET, MAX_CANDIDATES, check_opset, export_graph
 from ecm.export.precision import cast_matmuls
 from ecm.export.tensorrt_ops import graph_problems
 from ecm.export.verify import VerifyReport, verify_export
 from ecm.runtime.errors import ConfigError, ECMError
 from ecm.runtime.files import write_json
-from ecm.runtime.manifest import CPU_FORM, MANIFEST_NAME, PRECISIONS, ControlSpec, Manifest
+from ecm.runtime.manifest import CPU_FORM, MANIFEST_NAME, PRECISIONS, STEM, ControlSpec, Manifest, graph_file
 from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_ECM_TEMPERATURE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
-from ecm.adapters import ECM
-from ecm.sampling import candidate_count
-from ecm.var import VAR
+from ecm.model.adapters import ECM
+from ecm.model.sampler import candidate_count
+from ecm.model.var import VAR
 
-VERIFY_NAME = "var_ecm.verify.json"
+VERIFY_NAME = f"{STEM}.verify.json"
 VERIFY_BATCH = 4  # images compared with the eager model in every export
 Progress = Callable[[str], None]
 #: Rewrites the fp32 graphs of an unfinished export folder in place (INT8: calibrate and quantize).
@@ -78,14 +69,6 @@ class ExportResult:
     report: VerifyReport | None
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions) -> Manifest:
     """The manifest of an export of ``var`` (+ ``ecm``) with ``opts``; checks the options."""
     if opts.precision not in PRECISIONS:
@@ -104,11 +87,9 @@ def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions) -> Manifest:
         ecm.check_backbone(cfg)
         e = ecm.config
         control = ControlSpec(e.control, vcfg.resolution, e.canny_low, e.canny_high)
-    graphs = {"step": "var_ecm.onnx", "decoder": "var_ecm.decoder.onnx"}
-    if ecm is not None:
-        graphs["control"] = "var_ecm.control.onnx"
-    if opts.static_scales:
-        graphs.update({f"step_s{si}": f"var_ecm.s{si}.onnx" for si in range(len(cfg.patch_nums))})
+    roles = ["step", "decoder", *(["control"] if ecm is not None else []),
+             *([f"step_s{si}" for si in range(len(cfg.patch_nums))] if opts.static_scales else [])]
+    graphs = {role: graph_file(role) for role in roles}
     try:
         version = metadata.version("ecm")
     except metadata.PackageNotFoundError:
@@ -174,22 +155,17 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
         raise ECMError(f"cannot write to {out_dir}: {e.strerror or e}; choose a writable --out folder") from None
     try:
         progress(f"exporting the step graph ({opts.precision}, opset {opts.opset}) ...")
-        example_si = min(2, m.num_scales - 2)
-        outputs = list(m.step_outputs(example_si))
-        export_graph(step, example_inputs(m.step_inputs(example_si, batch=2)), outputs, tmp / m.graphs["step"],
-                     opts.opset, STEP_DYNAMIC)
+        # traced at a middle scale and batch 2, so that no symbolic axis is specialised to 1
+        export_graph(step, m.io("step", min(2, m.num_scales - 2), batch=2), tmp / m.graphs["step"], opts.opset)
         if opts.static_scales:
             for si in range(m.num_scales):
                 progress(f"exporting the static step graph of scale {si} ...")
-                export_graph(step, example_inputs(m.step_inputs(si)), outputs, tmp / m.graphs[f"step_s{si}"],
-                             opts.opset, None)
+                export_graph(step, m.io("step", si), tmp / m.graphs[f"step_s{si}"], opts.opset, dynamic=False)
         if control is not None:
             progress("exporting the control encoder ...")
-            export_graph(control, example_inputs(m.control_inputs(batch=2)), list(m.control_outputs()),
-                         tmp / m.graphs["control"], opts.opset, BATCH_DYNAMIC)
+            export_graph(control, m.io("control", batch=2), tmp / m.graphs["control"], opts.opset)
         progress("exporting the decoder ...")
-        export_graph(decoder, example_inputs(m.decoder_inputs(batch=2)), list(m.decoder_outputs()),
-                     tmp / m.graphs["decoder"], opts.opset, BATCH_DYNAMIC)
+        export_graph(decoder, m.io("decoder", batch=2), tmp / m.graphs["decoder"], opts.opset)
         m.save(tmp)
         if quantize is not None:
             quantize(tmp, m, progress)
@@ -227,7 +203,7 @@ def _commit(tmp: Path, out_dir: Path) -> list[Path]:
             os.replace(src, dst)
             moved.append(dst)
         os.replace(tmp / MANIFEST_NAME, out_dir / MANIFEST_NAME)
-        stale = {*out_dir.glob("var_ecm*"), *out_dir.glob("golden/*")} - {*moved, out_dir / MANIFEST_NAME}
+        stale = {*out_dir.glob(f"{STEM}*"), *out_dir.glob("golden/*")} - {*moved, out_dir / MANIFEST_NAME}
         for path in stale:
             if path.is_file():
                 path.unlink()

@@ -15,15 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ecm.runtime.device import device_name
-from ecm.runtime.errors import ECMError
+from ecm.runtime.errors import ECMError, first_line
 from ecm.runtime.files import atomic_path
-from ecm.runtime.manifest import CPU_FORM, Manifest, TensorSpec
+from ecm.runtime.manifest import CPU_FORM, Manifest, Tensor, plan_file
 
 TIMING_CACHE = "timing.cache"
-
-
-def plan_name(onnx_name: str) -> str:
-    return onnx_name.removesuffix(".onnx") + ".plan"
 
 
 def missing_tensorrt() -> str | None:
@@ -43,13 +39,10 @@ def build_command(folder: Path) -> str:
     return f"ecm-export --build-only {folder}"
 
 
-def profile_shapes(m: Manifest, role: str) -> list[dict[str, TensorSpec]]:
+def profile_shapes(m: Manifest, role: str) -> list[dict[str, Tensor]]:
     """Input shapes of each optimization profile of graph ``role`` (one per scale for the step)."""
-    if role == "step":
-        return [m.step_inputs(si) for si in range(m.num_scales)]
-    if role.startswith("step_s"):
-        return [m.step_inputs(int(role.removeprefix("step_s")))]
-    return [m.control_inputs() if role == "control" else m.decoder_inputs()]
+    scales = range(m.num_scales) if role == "step" else [0]
+    return [m.io(role, si).inputs for si in scales]
 
 
 def build_plans(folder: str | Path, progress: Callable[[str], None] = print) -> Manifest:
@@ -71,19 +64,19 @@ def build_plans(folder: str | Path, progress: Callable[[str], None] = print) -> 
         profiles = []
         for shapes in profile_shapes(m, role):
             p = Profile()
-            for name, (shape, _) in shapes.items():
-                p.add(name, min=shape, opt=shape, max=shape)
+            for name, t in shapes.items():
+                p.add(name, min=t.shape, opt=t.shape, max=t.shape)
             profiles.append(p)
-        progress(f"building {plan_name(onnx_name)} ({len(profiles)} profile(s)) ...")
+        progress(f"building {plan_file(onnx_name)} ({len(profiles)} profile(s)) ...")
         network = NetworkFromOnnxPath(str(folder / onnx_name), strongly_typed=True)
         config = CreateConfig(profiles=profiles, load_timing_cache=str(cache) if cache.exists() else None)
         try:
             engine = engine_from_network(network, config, save_timing_cache=str(cache))
         except Exception as e:  # TensorRT and polygraphy raise assorted types; the first line says what failed
-            raise ECMError(f"TensorRT could not build {onnx_name}: {str(e).splitlines()[0][:300]}") from None
-        with atomic_path(folder / plan_name(onnx_name)) as tmp:
+            raise ECMError(f"TensorRT could not build {onnx_name}: {first_line(e, 300)}") from None
+        with atomic_path(folder / plan_file(onnx_name)) as tmp:
             save_engine(engine, str(tmp))
-        plans[role] = plan_name(onnx_name)
+        plans[role] = plan_file(onnx_name)
     gpu, capability = device_name()
     m.tensorrt = {"version": trt.__version__, "compute_capability": capability, "device": gpu, "plans": plans,
                   "built": datetime.now(timezone.utc).isoformat(timespec="seconds")}

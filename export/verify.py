@@ -21,12 +21,11 @@ from ecm.runtime.ort_backend import OrtBackend
 from ecm.runtime.sampling import cfg_weight
 from ecm.runtime.schedule import parse_temperature
 
-from ecm.adapters import ECM
-from ecm.data import ProceduralShapes, to_model_range
-from ecm.default_model import HELD_OUT_SEED
-from ecm.evaluate import to_uint8
-from ecm.sampling import flip_margins, guided_logits, mix_cfg
-from ecm.var import VAR, Generation
+from ecm.data.datasets import HELD_OUT_SEED, ProceduralShapes
+from ecm.model.adapters import ECM
+from ecm.model.pixels import to_model_range, to_uint8
+from ecm.model.sampler import flip_margins, guided_logits, mix_cfg
+from ecm.model.var import VAR, Generation
 
 
 @dataclass
@@ -163,10 +162,12 @@ def compare(folder: Path, ref: Reference, cpu_forms: bool = True) -> tuple[Verif
     """
     m = Manifest.load(folder)
     B, eager = len(ref.labels), ref.generation
-    loop = ScaleLoop(m, OrtBackend(folder, m, cpu_forms=cpu_forms), B)
-    free = loop.run(ref.labels, ref.cond, ref.sampling, seed=ref.seed, record=True)
     teacher = Trajectory(x_in=[x.numpy() for x in eager.x_in], f_hat_in=[f.numpy() for f in eager.f_hat_in])
-    forced = loop.run(ref.labels, ref.cond, ref.sampling, seed=ref.seed, teacher=teacher, record=True, decode=False)
+    with OrtBackend(folder, m, cpu_forms=cpu_forms) as backend:
+        loop = ScaleLoop(m, backend, B)
+        free = loop.run(ref.labels, ref.cond, ref.sampling, seed=ref.seed, record=True)
+        forced = loop.run(ref.labels, ref.cond, ref.sampling, seed=ref.seed, teacher=teacher, record=True,
+                          decode=False)
 
     scales, divergence = [], None
     for si, pn in enumerate(m.patch_nums):

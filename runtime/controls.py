@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ConfigError, ECMError
+from .errors import ConfigError, ECMError, first_line
 
 if TYPE_CHECKING:
     from .manifest import ControlSpec
@@ -140,7 +140,7 @@ def load_plugins() -> None:
             obj = ep.load()
         except Exception as e:  # a plug-in's own import error, whatever its type
             raise ECMError(f"the control plug-in {ep.name!r} ({ep.value}) failed to load: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}; fix or "
+                           f"{type(e).__name__}: {first_line(e, 160)}; fix or "
                            "uninstall the package that declares it") from None
         if isinstance(obj, ControlType):
             _REGISTRY[ep.name] = obj

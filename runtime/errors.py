@@ -22,6 +22,13 @@ class ConfigError(ECMError):
     """An option or setting with a value the toolkit cannot use."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name if it has none), cut to ``limit``:
+    how a third-party error (ONNX Runtime, TensorRT, torch, a plug-in) is quoted inside our one line."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 def exit_on_error(fn: F) -> F:
     """Decorate a CLI entry point: an :class:`ECMError` becomes ``error: <message>`` and exit 2."""
 

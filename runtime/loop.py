@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from .backend import Backend
 from .errors import ConfigError
 from .manifest import Manifest
 from .resample import area_matrix, bicubic_matrix
@@ -25,34 +26,6 @@ from .scales import begin_ends, total_tokens
 from .schedule import parse_temperature
 
 Arrays = dict[str, np.ndarray]
-
-
-class Backend(Protocol):
-    """Runs the graphs of one export on buffers it allocates (host arrays or device memory)."""
-
-    name: str  # "ONNX Runtime", "TensorRT"
-    device: str  # "cpu", "cuda"
-
-    def alloc(self, shape: tuple[int, ...], dtype: str) -> Any:
-        """A zeroed buffer."""
-        ...
-
-    def upload(self, arr: np.ndarray) -> Any:
-        """A buffer holding ``arr`` (the array itself on the CPU)."""
-        ...
-
-    def download(self, buf: Any) -> np.ndarray:
-        """A host copy of ``buf``."""
-        ...
-
-    def synchronize(self) -> None:
-        """Wait until the work queued so far has finished."""
-        ...
-
-    def run(self, role: str, feeds: dict[str, Any], out: dict[str, Any], profile: int = 0) -> None:
-        """Run graph ``role`` ('step', 'control', 'decoder') with optimization profile ``profile``,
-        writing every output into the buffer of that name in ``out``."""
-        ...
 
 
 def rows(buf: Any, start: int, stop: int) -> Any:

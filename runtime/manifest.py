@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ECMError
 from .files import write_json
@@ -19,7 +19,9 @@ from .sampling import check_sampling
 from .scales import begin_ends, phi_table, total_tokens
 
 SCHEMA_VERSION = 2
-MANIFEST_NAME = "var_ecm.json"
+#: Every file of an export folder starts with this: var_ecm.json, var_ecm.onnx, var_ecm.decoder.plan, ...
+STEM = "var_ecm"
+MANIFEST_NAME = f"{STEM}.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 #: The graphs a runtime loads; an export may hold more (static per-scale variants, 'step_s<k>').
 RUNTIME_ROLES = ("step", "control", "decoder")
@@ -27,8 +29,41 @@ RUNTIME_ROLES = ("step", "control", "decoder")
 #: the Q/DQ graph kept for TensorRT ('step_cpu' beside 'step').
 CPU_FORM = "_cpu"
 
-#: A tensor's shape and element type, e.g. ``((1, 32, 4, 4), "float32")``.
-TensorSpec = tuple[tuple[int, ...], str]
+
+def graph_file(role: str) -> str:
+    """The ONNX file of graph ``role`` in an export folder: step -> var_ecm.onnx, control -> var_ecm.control.onnx,
+    step_s3 -> var_ecm.s3.onnx, step_cpu -> var_ecm.cpu.onnx, control_cpu -> var_ecm.control.cpu.onnx."""
+    base = role.removesuffix(CPU_FORM)
+    part = "" if base == "step" else f".s{base.removeprefix('step_s')}" if base.startswith("step_s") else f".{base}"
+    return f"{STEM}{part}{'.cpu' if role.endswith(CPU_FORM) else ''}.onnx"
+
+
+def plan_file(graph: str) -> str:
+    """The TensorRT plan built from the ONNX file ``graph``: var_ecm.onnx -> var_ecm.plan."""
+    return graph.removesuffix(".onnx") + ".plan"
+
+
+
+class Tensor(NamedTuple):
+    """An input or output of a graph at one scale and batch size: shape, element type, and the name of
+    each axis that differs between scales or batch sizes (None where it is the same for all; inputs only,
+    the exported graph derives its outputs' shapes)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    axes: tuple[str | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The tensors of one graph at one scale and batch size, inputs in the graph's order."""
+
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        return {**self.inputs, **self.outputs}
 
 
 class ManifestError(ECMError):
@@ -80,22 +115,27 @@ class Manifest:
     # ------------------------------------------------------------------------------ facts
     @property
     def num_scales(self) -> int:
+        """K, the number of token maps (scales) an image is generated in."""
         return len(self.patch_nums)
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head in the backbone's KV cache."""
         return self.embed_dim // self.num_heads
 
     @property
     def latent_size(self) -> int:
+        """Side of f_hat, the last scale's token map."""
         return self.patch_nums[-1]
 
     @property
     def kv_dtype(self) -> str:
-        return "float16" if self.precision == "fp16" else "float32"  # int8 keeps fp32 between its Q/DQ pairs
+        """Element type of the KV caches: fp16 in fp16 exports; INT8 ones keep fp32 between their Q/DQ pairs."""
+        return "float16" if self.precision == "fp16" else "float32"
 
     @property
     def phi_table(self) -> tuple[int, ...]:
+        """Which of the ``num_phi`` phi convs refines each scale (the official fixed table)."""
         return phi_table(self.num_scales, self.num_phi)
 
     def precision_label(self, cpu: bool = False) -> str:
@@ -118,77 +158,75 @@ class Manifest:
     # ------------------------------------------------------------------------------ shapes
     def kv_shape(self, tokens: int, batch: int | None = None) -> tuple[int, ...]:
         """Cache layout (tokens, layers, 2B, heads, head_dim): a scale's slice is contiguous."""
-        B = self.batch if batch is None else batch
-        return (tokens, self.cache_layers, 2 * B, self.num_heads, self.head_dim)
+        return (tokens, self.cache_layers, 2 * self._batch(batch), self.num_heads, self.head_dim)
 
     def adapter_kv_shape(self, tokens: int, batch: int | None = None) -> tuple[int, ...]:
         """The adapters' cache, laid out like the backbone's."""
-        B = self.batch if batch is None else batch
-        return (tokens, self.adapter_layers, 2 * B, self.adapter_heads, self.adapter_dim // max(self.adapter_heads, 1))
+        return (tokens, self.adapter_layers, 2 * self._batch(batch), self.adapter_heads,
+                self.adapter_dim // max(self.adapter_heads, 1))
 
-    def step_inputs(self, si: int, batch: int | None = None) -> dict[str, TensorSpec]:
-        """Inputs of the step graph at scale ``si``, in the graph's input order: name -> (shape, dtype)."""
-        B = self.batch if batch is None else batch
-        pn, HW, Cv = self.patch_nums[si], self.latent_size, self.latent_channels
-        past = begin_ends(self.patch_nums)[si][0]
-        nxt = self.next_patch(si)
-        specs: dict[str, TensorSpec] = {
-            "label": ((B,), "int64"),
-            "x_in": ((B, Cv, pn, pn), "float32"),
-            "f_hat": ((B, Cv, HW, HW), "float32"),
-            "past_k": (self.kv_shape(past, B), self.kv_dtype),
-            "past_v": (self.kv_shape(past, B), self.kv_dtype),
-            "u": ((B, pn, pn), "float32"),
-            "up": ((HW, pn), "float32"),
-            "down": ((nxt, HW), "float32"),
-            "phi": ((self.num_phi,), "float32"),
-            "first": ((1,), "float32"),
-            "cfg": ((1,), "float32"),
-            "temperature": ((1,), "float32"),
-            "top_k": ((1,), "int64"),
-            "top_p": ((1,), "float32"),
+    def io(self, role: str, si: int = 0, batch: int | None = None) -> GraphIO:
+        """Every input (in the graph's order) and output of graph ``role`` at scale ``si``.
+
+        The one description of each graph's tensors: the exporter traces with these names, shapes and
+        symbolic axes, TensorRT's profiles pin them per scale, the runtime allocates and checks by them.
+        ``role`` is 'step', 'control' or 'decoder', or a variant of one ('step_s<k>': the step at scale k;
+        '<role>_cpu': a CPU form, same tensors).
+        """
+        role = role.removesuffix(CPU_FORM)
+        B = self._batch(batch)
+        if role.startswith("step_s"):
+            role, si = "step", int(role.removeprefix("step_s"))
+        if role == "step":
+            return self._step_io(si, B)
+        if role == "control":
+            R = self.control.resolution if self.control else self.image_size
+            return GraphIO({"cond": Tensor((B, R, R, 3), "uint8", ("batch", None, None, None))},
+                           {"ctrl_tokens": Tensor((total_tokens(self.patch_nums), B, self.adapter_dim), "float32")})
+        if role == "decoder":
+            HW = self.latent_size
+            return GraphIO({"f_hat": Tensor((B, self.latent_channels, HW, HW), "float32", ("batch", None, None, None))},
+                           {"image": Tensor((B, self.image_size, self.image_size, 3), "uint8")})
+        raise ValueError(f"no graph role {role!r}")
+
+    def _step_io(self, si: int, B: int) -> GraphIO:
+        pn, HW, Cv, kv = self.patch_nums[si], self.latent_size, self.latent_channels, self.kv_dtype
+        past, nxt = begin_ends(self.patch_nums)[si][0], self.next_patch(si)
+        cache_axes = ("past", None, "2*batch", None, None)
+        inputs = {
+            "label": Tensor((B,), "int64", ("batch",)),
+            "x_in": Tensor((B, Cv, pn, pn), "float32", ("batch", None, "pn", "pn")),
+            "f_hat": Tensor((B, Cv, HW, HW), "float32", ("batch", None, None, None)),
+            "past_k": Tensor(self.kv_shape(past, B), kv, cache_axes),
+            "past_v": Tensor(self.kv_shape(past, B), kv, cache_axes),
+            "u": Tensor((B, pn, pn), "float32", ("batch", "pn", "pn")),
+            "up": Tensor((HW, pn), "float32", (None, "pn")),
+            "down": Tensor((nxt, HW), "float32", ("pn_next", None)),
+            "phi": Tensor((self.num_phi,), "float32"),
+            "first": Tensor((1,), "float32"),
+            "cfg": Tensor((1,), "float32"),
+            "temperature": Tensor((1,), "float32"),
+            "top_k": Tensor((1,), "int64"),
+            "top_p": Tensor((1,), "float32"),
+        }
+        outputs = {
+            "logits": Tensor((2 * B, pn * pn, self.vocab_size), "float32"),
+            "tokens": Tensor((B, pn * pn), "int64"),
+            "f_hat_out": Tensor((B, Cv, HW, HW), "float32"),
+            "x_next": Tensor((B, Cv, nxt, nxt), "float32"),
+            "new_k": Tensor(self.kv_shape(pn * pn, B), kv),
+            "new_v": Tensor(self.kv_shape(pn * pn, B), kv),
         }
         if self.control is not None:
-            specs["ctrl"] = ((pn, pn, B, self.adapter_dim), "float32")
-            specs["past_ak"] = (self.adapter_kv_shape(past, B), self.kv_dtype)
-            specs["past_av"] = (self.adapter_kv_shape(past, B), self.kv_dtype)
-        return specs
+            inputs["ctrl"] = Tensor((pn, pn, B, self.adapter_dim), "float32", ("pn", "pn", "batch", None))
+            inputs["past_ak"] = Tensor(self.adapter_kv_shape(past, B), kv, cache_axes)
+            inputs["past_av"] = Tensor(self.adapter_kv_shape(past, B), kv, cache_axes)
+            outputs["new_ak"] = Tensor(self.adapter_kv_shape(pn * pn, B), kv)
+            outputs["new_av"] = Tensor(self.adapter_kv_shape(pn * pn, B), kv)
+        return GraphIO(inputs, outputs)
 
-    def step_outputs(self, si: int, batch: int | None = None) -> dict[str, TensorSpec]:
-        """Outputs of the step graph at scale ``si``."""
-        B = self.batch if batch is None else batch
-        pn, HW, Cv = self.patch_nums[si], self.latent_size, self.latent_channels
-        nxt = self.next_patch(si)
-        specs: dict[str, TensorSpec] = {
-            "logits": ((2 * B, pn * pn, self.vocab_size), "float32"),
-            "tokens": ((B, pn * pn), "int64"),
-            "f_hat_out": ((B, Cv, HW, HW), "float32"),
-            "x_next": ((B, Cv, nxt, nxt), "float32"),
-            "new_k": (self.kv_shape(pn * pn, B), self.kv_dtype),
-            "new_v": (self.kv_shape(pn * pn, B), self.kv_dtype),
-        }
-        if self.control is not None:
-            specs["new_ak"] = (self.adapter_kv_shape(pn * pn, B), self.kv_dtype)
-            specs["new_av"] = (self.adapter_kv_shape(pn * pn, B), self.kv_dtype)
-        return specs
-
-    def control_inputs(self, batch: int | None = None) -> dict[str, TensorSpec]:
-        B = self.batch if batch is None else batch
-        R = self.control.resolution if self.control else self.image_size
-        return {"cond": ((B, R, R, 3), "uint8")}
-
-    def control_outputs(self, batch: int | None = None) -> dict[str, TensorSpec]:
-        B = self.batch if batch is None else batch
-        return {"ctrl_tokens": ((total_tokens(self.patch_nums), B, self.adapter_dim), "float32")}
-
-    def decoder_inputs(self, batch: int | None = None) -> dict[str, TensorSpec]:
-        B = self.batch if batch is None else batch
-        HW = self.latent_size
-        return {"f_hat": ((B, self.latent_channels, HW, HW), "float32")}
-
-    def decoder_outputs(self, batch: int | None = None) -> dict[str, TensorSpec]:
-        B = self.batch if batch is None else batch
-        return {"image": ((B, self.image_size, self.image_size, 3), "uint8")}
+    def _batch(self, batch: int | None) -> int:
+        return self.batch if batch is None else batch
 
     def kv_cache_bytes(self, batch: int | None = None) -> int:
         """Bytes of the K and V caches (backbone and adapters) over all L tokens."""
@@ -200,8 +238,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, with the per-scale shapes written out for people and other tools."""
         d = asdict(self)
-        d["scales"] = [{"patch": pn, "tokens": [b, e], "inputs": _jsonable(self.step_inputs(si)),
-                        "outputs": _jsonable(self.step_outputs(si))}
+        d["scales"] = [{"patch": pn, "tokens": [b, e], "inputs": _jsonable(self.io("step", si).inputs),
+                        "outputs": _jsonable(self.io("step", si).outputs)}
                        for si, (pn, (b, e)) in enumerate(zip(self.patch_nums, begin_ends(self.patch_nums)))]
         return d
 
@@ -305,5 +343,5 @@ def _problems(m: Manifest) -> list[str]:
     return bad
 
 
-def _jsonable(specs: dict[str, TensorSpec]) -> dict[str, list[Any]]:
-    return {k: [list(shape), dtype] for k, (shape, dtype) in specs.items()}
+def _jsonable(specs: dict[str, Tensor]) -> dict[str, list[Any]]:
+    return {k: [list(t.shape), t.dtype] for k, t in specs.items()}

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from .backend import Closing
 from .device import DeviceArray, check, cudart
-from .errors import ECMError
+from .errors import ECMError, first_line
 from .manifest import Manifest
 from .memory import return_freed_memory
 
@@ -22,7 +23,7 @@ from .memory import return_freed_memory
 _ORT_TYPES = {"float32": "float", "float16": "float16", "int64": "int64", "uint8": "uint8"}
 
 
-class OrtBackend:
+class OrtBackend(Closing):
     """Runs the ONNX graphs listed in a manifest with ONNX Runtime."""
 
     name = "ONNX Runtime"
@@ -65,7 +66,7 @@ class OrtBackend:
             try:
                 self.sessions[role] = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # ORT raises its own types for corrupt or truncated files
-                raise ECMError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:200]}); "
+                raise ECMError(f"ONNX Runtime cannot load {path} ({first_line(e)}); "
                                "the file is damaged or from another export: re-export with ecm-export") from None
             if self.sessions[role].get_providers()[0] != providers[0]:
                 raise ECMError(f"ONNX Runtime could not start {providers[0]} (CUDA libraries missing?); "
@@ -74,14 +75,12 @@ class OrtBackend:
 
     def _check_io(self, role: str, path: Path) -> None:
         """Refuse a graph whose tensors are not those the manifest describes (a file of another export)."""
-        m, sess = self.manifest, self.sessions[role]
-        want = {"step": lambda: {**m.step_inputs(0), **m.step_outputs(0)},
-                "control": lambda: {**m.control_inputs(), **m.control_outputs()},
-                "decoder": lambda: {**m.decoder_inputs(), **m.decoder_outputs()}}[role]()
+        sess = self.sessions[role]
+        want = self.manifest.io(role).tensors
         got = {a.name: a for a in (*sess.get_inputs(), *sess.get_outputs())}
         problems = [f"it has no tensor {name!r}" for name in want if name not in got]
         problems += [f"it has an unknown tensor {name!r}" for name in got if name not in want]
-        for name, (shape, dtype) in want.items():
+        for name, (shape, dtype, _) in want.items():
             arg = got.get(name)
             if arg is not None and (arg.type != f"tensor({_ORT_TYPES[dtype]})" or len(arg.shape) != len(shape) or any(
                     isinstance(g, int) and g != w for g, w in zip(arg.shape, shape))):
@@ -104,8 +103,14 @@ class OrtBackend:
     def synchronize(self) -> None:
         """ONNX Runtime returns after the work is done; nothing to wait for."""
 
+    def close(self) -> None:
+        """Drop the sessions (their graphs, weights and kernels go with them)."""
+        self.sessions.clear()
+
     # ------------------------------------------------------------------------------ running
     def run(self, role: str, feeds: dict[str, Any], out: dict[str, Any], profile: int = 0) -> None:
+        if role not in self.sessions:
+            raise ECMError(f"this ONNX Runtime backend has no {role} graph (closed, or an export without one)")
         sess = self.sessions[role]
         io = sess.io_binding()
         alive = []  # host inputs must outlive the run: ONNX Runtime reads them in place
@@ -128,4 +133,4 @@ class OrtBackend:
         try:
             sess.run_with_iobinding(io)
         except Exception as e:  # ORT's own error types: out of memory, a shape the graph refuses, ...
-            raise ECMError(f"ONNX Runtime failed to run the {role} graph ({str(e).splitlines()[0][:200]})") from None
+            raise ECMError(f"ONNX Runtime failed to run the {role} graph ({first_line(e)})") from None

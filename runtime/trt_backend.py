@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .backend import Closing
 from .device import DeviceArray, check, cudart, device_name
 from .errors import ECMError
 from .manifest import RUNTIME_ROLES, Manifest
@@ -21,7 +22,7 @@ def _rebuild_hint(folder: Path) -> str:
     return f"rebuild the plans on this machine: ecm-export --build-only {folder}"
 
 
-class TrtBackend:
+class TrtBackend(Closing):
     """Runs ``var_ecm*.plan`` with TensorRT 10.3+ (name-based tensor API, ``execute_async_v3``)."""
 
     name, device = "TensorRT", "cuda"
@@ -86,8 +87,20 @@ class TrtBackend:
         check(cudart().cudaStreamSynchronize(self.stream))
         self.in_flight.clear()
 
+    def close(self) -> None:
+        """Finish the queued work, then release the contexts, engines and the CUDA stream (once)."""
+        if self.stream is None:
+            return
+        self.synchronize()
+        self.contexts.clear()  # contexts before their engines, engines before the runtime
+        self.engines.clear()
+        check(cudart().cudaStreamDestroy(self.stream))
+        self.stream = None
+
     # ------------------------------------------------------------------------------ running
     def run(self, role: str, feeds: dict[str, Any], out: dict[str, Any], profile: int = 0) -> None:
+        if role not in self.contexts:
+            raise ECMError(f"this TensorRT backend has no {role} plan (closed, or an export without one)")
         ctx = self.contexts[role]
         if self.profile[role] != profile:
             ctx.set_optimization_profile_async(profile, self.stream)

@@ -6,7 +6,7 @@ import pytest
 from ecm.runtime.scales import PATCH_NUMS_256
 
 from ecm import VAR, VQVAE, var_config, vqvae_config
-from ecm.random_models import make_pair, randomize_
+from ecm.bench.models import make_pair, randomize_
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def d16_pair() -> tuple[VQVAE, VAR]:
 @pytest.fixture(scope="session")
 def tiny_ecm(tiny_pair):
     """Random adapters (gates non-zero) for the tiny backbone."""
-    from ecm.adapters import ECM, ecm_config
+    from ecm.model.adapters import ECM, ecm_config
 
     _, var = tiny_pair
     return randomize_(ECM(ecm_config(var.config, var.vae.config.downsample, "tiny")), seed=5)

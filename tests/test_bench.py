@@ -14,10 +14,11 @@ from ecm.runtime.scales import begin_ends
 from PIL import Image
 
 from ecm import ECM, var_config, vqvae_config
-from ecm.adapters import ecm_config
-from ecm.bench import kv_per_scale, main
-from ecm.floor import PRECISION_BYTES, Floor, counted_flops, generation_bytes, generation_flops
-from ecm.random_models import make_pair, randomize_
+from ecm.bench.models import make_pair, randomize_
+from ecm.bench.roofline import PRECISION_BYTES, Floor, counted_flops, generation_bytes, generation_flops
+from ecm.bench.suite import kv_per_scale
+from ecm.cli.bench import main
+from ecm.model.adapters import ecm_config
 
 
 @pytest.fixture(scope="module")

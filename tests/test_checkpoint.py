@@ -5,7 +5,7 @@ import torch
 from ecm.runtime.errors import CheckpointError, ECMError
 
 from ecm import VAR, VQVAE, var_config, vqvae_config
-from ecm.checkpoint import atomic_path, save_model
+from ecm.model.checkpoint import atomic_path, save_model
 
 
 def test_ecm_format_round_trips_in_fp16(tmp_path, tiny_pair):

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from ecm.export.cli import main as export
-from ecm.export.pipeline import sha256
+from ecm.runtime.files import file_sha256
 from ecm.runtime.manifest import MANIFEST_NAME, Manifest
 
-from ecm.default_model import default_paths
+from ecm.cli.export import main as export
+from ecm.model.embedded import default_paths
 
 
 def invoke(args):
@@ -22,8 +22,8 @@ def invoke(args):
 def test_export_picks_the_latest_training_run(tmp_path, monkeypatch):
     """With no checkpoint arguments, the newest runs/*/ecm.safetensors here is exported, on the backbone its
     run.json records (here an fp32 copy of the embedded one stored elsewhere: other bytes, same weights)."""
-    from ecm.checkpoint import save_model
-    from ecm.default_model import load_backbone
+    from ecm.model.checkpoint import save_model
+    from ecm.model.embedded import load_backbone
 
     vae, var = load_backbone()
     save_model(vae, tmp_path / "bb" / "vae.safetensors", "vqvae", vae.config)
@@ -38,8 +38,8 @@ def test_export_picks_the_latest_training_run(tmp_path, monkeypatch):
     assert code == 0, out
     assert "latest ecm-train result" in out and "runs/ecm-canny/ecm.safetensors" in out
     m = Manifest.load(tmp_path)
-    assert m.sources["ecm"] == sha256(run / "ecm.safetensors") and m.precision == "fp32"
-    assert m.sources["var"] == sha256(tmp_path / "bb" / "var.safetensors") != sha256(default_paths()[1])
+    assert m.sources["ecm"] == file_sha256(run / "ecm.safetensors") and m.precision == "fp32"
+    assert m.sources["var"] == file_sha256(tmp_path / "bb" / "var.safetensors") != file_sha256(default_paths()[1])
     assert m.control.type == "canny" and (tmp_path / "var_ecm.verify.json").is_file()
     assert "ONNX Runtime vs eager" in out and "free-running tokens identical at every scale" in out
 
@@ -61,7 +61,7 @@ def test_bad_arguments_give_one_line(tmp_path, monkeypatch, args, message):
 
 
 def test_adapters_of_another_backbone_are_refused(tmp_path):
-    from ecm.control_train import load_ecm, save_ecm
+    from ecm.model.adapters import load_ecm, save_ecm
 
     ecm, _ = load_ecm(default_paths()[2])
     foreign = tmp_path / "foreign.safetensors"

@@ -3,7 +3,9 @@
 import pytest
 from click.testing import CliRunner
 
-from ecm.cli import evaluate, params, pretrain, train
+from ecm.cli.eval import evaluate
+from ecm.cli.params import params
+from ecm.cli.train import pretrain, train
 
 
 def invoke(cmd, args):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ecm.data import ProceduralShapes
-from ecm.default_model import DEFAULT_DIR, HELD_OUT_SEED, load_default
+from ecm.data.datasets import HELD_OUT_SEED, ProceduralShapes
+from ecm.model.embedded import DEFAULT_DIR, load_default
 
 
 def test_shipped_files_are_small_fp16_and_load():
@@ -19,8 +19,8 @@ def test_shipped_files_are_small_fp16_and_load():
 
 @pytest.mark.slow
 def test_control_fidelity_beats_the_backbone_threefold():
-    from ecm.controls import Control
-    from ecm.evaluate import evaluate
+    from ecm.data.controls import Control
+    from ecm.eval.fidelity import evaluate
 
     vae, var, ecm = load_default()
     ds = ProceduralShapes(256, vae.config.resolution, HELD_OUT_SEED)

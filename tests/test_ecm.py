@@ -7,11 +7,13 @@ import pytest
 import torch
 from ecm.runtime.errors import CheckpointError, ECMError
 
-from ecm.adapters import ECM, ecm_config
-from ecm.control_train import ControlData, load_ecm, sample_num_scales, save_ecm, train_ecm
-from ecm.controls import Control
-from ecm.data import ProceduralShapes, to_model_range
-from ecm.train import TrainSpec, tensor_hash
+from ecm.data.controls import Control
+from ecm.data.datasets import ProceduralShapes
+from ecm.model.adapters import ECM, ecm_config, load_ecm, save_ecm
+from ecm.model.checkpoint import tensor_hash
+from ecm.model.pixels import to_model_range
+from ecm.train.adapters import ControlData, sample_num_scales, train_ecm
+from ecm.train.loop import TrainSpec
 from tests.conftest import randomize_
 
 
@@ -112,7 +114,7 @@ def test_adapters_refuse_another_backbone(tiny_pair, control_data, tmp_path):
 
 
 def _vae_file(vae, tmp_path):
-    from ecm.checkpoint import save_model
+    from ecm.model.checkpoint import save_model
 
     save_model(vae, tmp_path / "vae.safetensors", "vqvae", vae.config)
     return tmp_path / "vae.safetensors"

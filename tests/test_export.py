@@ -90,9 +90,9 @@ def test_each_scale_profile_pins_every_dynamic_axis(fp32_export):
                     assert bound.setdefault(d, v) == v, f"scale {si}: axis {d} bound twice"
                 else:
                     assert d == v
-        feeds = {k: np.zeros(s, dtype=t) for k, (s, t) in shapes.items()}
+        feeds = {k: np.zeros(t.shape, dtype=t.dtype) for k, t in shapes.items()}
         feeds["top_k"][:] = 1
-        out = {k: np.full(s, -1, dtype=t) for k, (s, t) in m.step_outputs(si).items()}
+        out = {k: np.full(t.shape, -1, dtype=t.dtype) for k, t in m.io("step", si).outputs.items()}
         backend.run("step", feeds, out)  # ONNX Runtime refuses outputs whose shapes differ from these
         assert (out["tokens"] >= 0).all() and (out["tokens"] < m.vocab_size).all()
 

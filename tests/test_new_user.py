@@ -15,28 +15,29 @@ import torch
 from click.testing import CliRunner
 from ecm.calibration import CalibOptions, export_int8
 from ecm.calibration.record import calibration_set
-from ecm.export.cli import main as export_cli
-from ecm.export.cli import resolve_checkpoints
 from ecm.export.onnx_files import load_onnx, save_onnx
-from ecm.export.pipeline import ExportOptions, sha256
+from ecm.export.pipeline import ExportOptions
 from ecm.export.verify import compare, eager_reference
 from ecm.runtime import controls
-from ecm.runtime.cli import load_conditions
-from ecm.runtime.cli import main as run_cli
 from ecm.runtime.controls import canny_edges, control_type, to_rgb_map
 from ecm.runtime.errors import ECMError
+from ecm.runtime.files import file_sha256
 from ecm.runtime.images import preprocess, read_image
 from ecm.runtime.manifest import MANIFEST_NAME, Manifest
 from onnx import numpy_helper
 from PIL import Image
 
-from ecm.checkpoint import save_model
-from ecm.cli import evaluate as eval_cli
-from ecm.cli import train as train_cli
-from ecm.controls import Control
-from ecm.data import ImageFolder, ProceduralShapes
-from ecm.default_model import default_paths, load_backbone
-from ecm.sampling import flip_margins, sample_tokens
+from ecm.cli.eval import evaluate as eval_cli
+from ecm.cli.export import main as export_cli
+from ecm.cli.export import resolve_checkpoints
+from ecm.cli.run import load_conditions
+from ecm.cli.run import main as run_cli
+from ecm.cli.train import train as train_cli
+from ecm.data.controls import Control
+from ecm.data.datasets import ImageFolder, ProceduralShapes
+from ecm.model.checkpoint import save_model
+from ecm.model.embedded import default_paths, load_backbone
+from ecm.model.sampler import flip_margins, sample_tokens
 
 PHOTO = Path(__file__).parent / "data" / "photos" / "chelsea.jpg"  # 289 x 192, CC0 (see data/photos/README.md)
 QUIET = dict(progress=lambda _: None)
@@ -257,7 +258,7 @@ def test_export_and_eval_use_the_backbone_the_adapters_were_trained_on(tmp_path,
     adapters = tmp_path / "run" / "ecm.safetensors"
     _, vae_path, var_path, _ = resolve_checkpoints(adapters, None, None, True)
     assert (vae_path, var_path) == (bb / "vae.safetensors", bb / "var.safetensors")
-    assert sha256(var_path) != sha256(default_paths()[1])
+    assert file_sha256(var_path) != file_sha256(default_paths()[1])
     code, out = invoke(eval_cli, ["--ecm", adapters, "--num-images", 1, "--grid", tmp_path / "g.png"])
     assert code == 0, out
     (bb / "var.safetensors").unlink()

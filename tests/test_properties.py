@@ -21,7 +21,7 @@ from ecm.runtime.schedule import MAX_TEMPERATURE, MIN_TEMPERATURE, TemperatureSc
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ecm import resample
+from ecm.model import interpolate as resample
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 sizes = st.integers(1, 40)
@@ -195,8 +195,7 @@ json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dict
 def check_usable(m: Manifest) -> None:
     """A manifest that loads must drive the runtime's arithmetic without any exception but ECMError."""
     for si in range(m.num_scales):
-        inputs, outputs = m.step_inputs(si), m.step_outputs(si)
-        assert all(d >= 0 for shape, _ in [*inputs.values(), *outputs.values()] for d in shape)
+        assert all(d >= 0 for t in m.io("step", si).tensors.values() for d in t.shape)
     assert m.kv_cache_bytes() >= 0
     assert set(m.runtime_graphs()) <= set(RUNTIME_ROLES) and isinstance(m.precision_label(True), str)
     try:
@@ -206,8 +205,8 @@ def check_usable(m: Manifest) -> None:
     if m.latent_size <= 64:
         for si in range(m.num_scales):
             consts = scale_constants(m, si, sampling)
-            assert consts["up"].shape == m.step_inputs(si)["up"][0]
-            assert consts["down"].shape == m.step_inputs(si)["down"][0]
+            assert consts["up"].shape == m.io("step", si).inputs["up"].shape
+            assert consts["down"].shape == m.io("step", si).inputs["down"].shape
 
 
 def load_or_refuse(d) -> Manifest | None:

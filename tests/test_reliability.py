@@ -20,19 +20,21 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from ecm.export.cli import main as export_cli
-from ecm.runtime.cli import main as run_cli
 from ecm.runtime.manifest import MANIFEST_NAME, Manifest
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ecm.cli import evaluate, params, pretrain, train
-from ecm.control_train import load_ecm
-from ecm.default_model import default_paths
+from ecm.cli.eval import evaluate
+from ecm.cli.export import main as export_cli
+from ecm.cli.params import params
+from ecm.cli.run import main as run_cli
+from ecm.cli.train import pretrain, train
+from ecm.model.adapters import load_ecm
+from ecm.model.embedded import default_paths
 
 #: ``python -c RUN args...`` is ``ecm-run args...`` without relying on the console script being on PATH.
-RUN = "from ecm.runtime.cli import main; main()"
+RUN = "from ecm.cli.run import main; main()"
 #: Runs ``module.command(args)`` and SIGKILLs the process the instant a file would be renamed onto ``target``:
 #: the worst moment for an atomic write (everything written, nothing committed) or between two of them.
 KILL_ON_RENAME = r"""
@@ -360,7 +362,7 @@ def test_torch_clis_with_non_utf8_paths(files, tmp_path):
     assert "bad.png" in out
     damaged = os.fsencode(tmp_path) + b"/ecm-\xff.safetensors"  # a real process: it echoes the path first
     shutil.copy(files["cut.safetensors"], os.fsdecode(damaged))
-    r = subprocess.run([sys.executable, "-c", "from ecm.export.cli import main; main()", b"--ecm", damaged,
+    r = subprocess.run([sys.executable, "-c", "from ecm.cli.export import main; main()", b"--ecm", damaged,
                         b"--out", os.fsencode(tmp_path / "e"), b"--no-build"], capture_output=True, timeout=600)
     assert b"exporting " in r.stdout and b"ecm-" in r.stdout
     assert_error(r.returncode, r.stderr.decode("utf-8", "replace"), "truncated or corrupt")
@@ -381,7 +383,7 @@ def test_training_killed_between_its_two_checkpoint_files_resumes_exactly(tmp_pa
     args = [*TRAIN_ARGS, "--out", run]
     code, out = invoke(train, ["--steps", 1, *args])
     assert code == 0, out
-    killed_on_rename(run / "train_state.pt", "ecm.cli", "train", "--steps", 2, *args, "--resume")
+    killed_on_rename(run / "train_state.pt", "ecm.cli.train", "train", "--steps", 2, *args, "--resume")
     weights, meta = load_ecm(run / "ecm.safetensors")  # whole, and from the killed step
     assert meta["step"] == "2"
     assert torch.load(run / "train_state.pt", weights_only=True)["step"] == 1
@@ -411,7 +413,7 @@ def test_training_killed_while_writing_its_weights_keeps_the_previous_checkpoint
     code, out = invoke(train, ["--steps", 1, *args])
     assert code == 0, out
     before = (run / "ecm.safetensors").read_bytes()
-    killed_on_rename(run / "ecm.safetensors", "ecm.cli", "train", "--steps", 2, *args, "--resume")
+    killed_on_rename(run / "ecm.safetensors", "ecm.cli.train", "train", "--steps", 2, *args, "--resume")
     assert (run / "ecm.safetensors").read_bytes() == before
     assert load_ecm(run / "ecm.safetensors")[1]["step"] == "1"
     code, out = invoke(train, ["--steps", 2, *args, "--resume"])
@@ -439,7 +441,7 @@ def test_export_killed_midway_leaves_the_previous_export_untouched(fp32_export, 
     still runs; the hidden staging folder is never taken for an export."""
     out = linked_copy(fp32_export.folder, tmp_path / "deploy")
     before = snapshot(out)
-    p = subprocess.Popen([sys.executable, "-c", "from ecm.export.cli import main; main()", *EXPORT_ARGS,
+    p = subprocess.Popen([sys.executable, "-c", "from ecm.cli.export import main; main()", *EXPORT_ARGS,
                           "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
         for line in p.stdout:
@@ -463,7 +465,7 @@ def test_export_killed_while_moving_into_place_is_refused_then_redone(fp32_expor
     """SIGKILL with the new graphs moved in but the manifest not yet: ecm-run and --build-only refuse the folder
     in one line (the old manifest went first, so old and new files are never mixed); exporting again repairs it."""
     out = linked_copy(fp32_export.folder, tmp_path / "deploy")
-    killed_on_rename(out / MANIFEST_NAME, "ecm.export.cli", "main", *EXPORT_ARGS, "--out", out, cwd=tmp_path)
+    killed_on_rename(out / MANIFEST_NAME, "ecm.cli.export", "main", *EXPORT_ARGS, "--out", out, cwd=tmp_path)
     assert not (out / MANIFEST_NAME).exists()
     code, text = invoke(run_cli, ["--engine", out, "--cond", files["edge.png"], "--out", tmp_path / "o.png"])
     assert_error(code, text, "has no var_ecm.json")

@@ -6,7 +6,7 @@ from ecm.runtime.scales import PATCH_NUMS_256
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ecm import resample
+from ecm.model import interpolate as resample
 
 
 @pytest.mark.parametrize("pn", (*PATCH_NUMS_256, 7, 11))

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from ecm.runtime.cli import main as run_cli
 from ecm.runtime.images import prepare_condition, read_image
 from ecm.runtime.manifest import MANIFEST_NAME, ControlSpec
 from PIL import Image
 
-from ecm.data import to_model_range
-from ecm.evaluate import to_uint8
+from ecm.cli.run import main as run_cli
+from ecm.model.pixels import to_model_range, to_uint8
 
 
 def invoke(args):
@@ -36,7 +35,7 @@ def edge_png(tmp_path_factory):
 
 
 def test_runtime_never_imports_torch(fp32_export, edge_png, tmp_path):
-    code = ("import sys; from ecm.runtime.cli import main; "
+    code = ("import sys; from ecm.cli.run import main; "
             f"main(['--engine', {str(fp32_export.folder)!r}, '--cond', {str(edge_png)!r}, '-n', '2', "
             f"'--out', {str(tmp_path / 'o.png')!r}], standalone_mode=False); "
             "print('torch imported:', 'torch' in sys.modules)")
@@ -90,7 +89,7 @@ def test_any_condition_image_is_converted(fp32_export, edge_png, tmp_path, make)
 
 
 def test_photos_get_their_edges_extracted(fp32_export, tmp_path):
-    from ecm.data import ProceduralShapes
+    from ecm.data.datasets import ProceduralShapes
 
     photo = tmp_path / "photo.png"
     Image.fromarray(ProceduralShapes(size=1, resolution=64, seed=1000)[0][0]).save(photo)
@@ -171,11 +170,11 @@ def test_tensorrt_backend_matches_onnx_runtime(fp32_export, edge_png, tmp_path):
 @pytest.mark.slow
 def test_the_three_commands_of_the_workflow(tmp_path, monkeypatch):
     """In an empty folder: ecm-train --control canny, ecm-export --precision fp16, ecm-run (minutes)."""
-    from ecm.export.cli import main as export
     from ecm.runtime.controls import canny_edges
 
-    from ecm.cli import train
-    from ecm.data import ProceduralShapes
+    from ecm.cli.export import main as export
+    from ecm.cli.train import train
+    from ecm.data.datasets import ProceduralShapes
 
     monkeypatch.chdir(tmp_path)
     Image.fromarray(canny_edges(ProceduralShapes(size=1, resolution=64, seed=1000)[0][0])).save("edge.png")

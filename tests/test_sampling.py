@@ -5,7 +5,7 @@ import pytest
 import torch
 from ecm.runtime import draw_uniforms
 
-from ecm.sampling import nucleus_keep, sample_inverse_cdf, sample_tokens
+from ecm.model.sampler import nucleus_keep, sample_inverse_cdf, sample_tokens
 
 
 def official_filter(logits_BlV, top_k=0, top_p=0.0):

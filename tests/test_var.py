@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ecm.sampling import cfg_weight, mix_cfg
+from ecm.model.sampler import cfg_weight, mix_cfg
 
 
 def step_logits(var, label_B, x_BLCv):

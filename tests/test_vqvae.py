@@ -2,7 +2,7 @@
 
 import torch
 
-from ecm import resample
+from ecm.model import interpolate as resample
 
 
 def test_tokens_per_scale_and_shapes(tiny_pair):

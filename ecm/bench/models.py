@@ -1,14 +1,29 @@
-"""Models with random (non-trivial) weights: the tests' fixtures and the d16-proportioned benchmark model."""
+"""The benchmarks' models: the embedded default, and random-weight ones (the d16-proportioned model, the
+tests' fixtures)."""
 
 from __future__ import annotations
 
 import torch
 
-from ecm.adapters import ECM, ecm_config
-from ecm.config import VARConfig, VQVAEConfig, var_config, vqvae_config
+from ecm.model.adapters import ECM, ecm_config
+from ecm.model.config import VARConfig, VQVAEConfig, var_config, vqvae_config
+from ecm.model.embedded import load_default
+from ecm.model.var import VAR
+from ecm.model.vqvae import VQVAE
 from ecm.runtime.scales import PATCH_NUMS_256
-from ecm.var import VAR
-from ecm.vqvae import VQVAE
+
+#: The models the benchmarks measure: the embedded default and the random d16-proportioned one.
+MODELS = ("default", "d16")
+
+
+def load_model(name: str) -> tuple[VAR, ECM]:
+    """(var, ecm) of a benchmark model by name (see MODELS), in eval mode on the CPU."""
+    if name == "default":
+        _, var, ecm = load_default()
+        return var, ecm
+    if name == "d16":
+        return d16_proportioned()
+    raise ValueError(f"unknown benchmark model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:

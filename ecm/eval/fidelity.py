@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecm.adapters import ECM
-from ecm.controls import Control
-from ecm.data import to_model_range
+from ecm.data.controls import Control
+from ecm.model.adapters import ECM
+from ecm.model.pixels import to_model_range
+from ecm.model.var import VAR
 from ecm.runtime.controls import control_type
 from ecm.runtime.images import grid, save_png
 from ecm.runtime.images import zoom as zoom_image
-from ecm.var import VAR
 
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
 
@@ -105,17 +105,17 @@ def evaluate_engine(folder: Path, images_NHW3: np.ndarray, labels_N: np.ndarray,
 
     m = Manifest.load(folder)
     kind = control_type(m.control.type)
-    backend = OrtBackend(folder, m)
     sampling = Sampling.defaults(m, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
     conds = np.stack([kind.extract(im, m.control) for im in images_NHW3])
     scores, loops = [], {}  # a loop's buffers serve every batch of its size
     starts = range(0, len(labels_N), batch)
-    for b in progress(starts) if progress else starts:
-        cond, label = conds[b:b + batch], labels_N[b:b + batch]
-        if len(label) not in loops:
-            loops[len(label)] = ScaleLoop(m, backend, len(label))
-        out = loops[len(label)].run(label, cond, sampling, seed=seed + b).images
-        scores += [kind.score(img, c, m.control) for img, c in zip(out, cond)]
+    with OrtBackend(folder, m) as backend:
+        for b in progress(starts) if progress else starts:
+            cond, label = conds[b:b + batch], labels_N[b:b + batch]
+            if len(label) not in loops:
+                loops[len(label)] = ScaleLoop(m, backend, len(label))
+            out = loops[len(label)].run(label, cond, sampling, seed=seed + b).images
+            scores += [kind.score(img, c, m.control) for img, c in zip(out, cond)]
     return float(np.mean(scores))
 
 

@@ -5,7 +5,7 @@ built in, more from plug-ins (entry-point group ``ecm.controls``) or :func:`regi
 Maps made by any other tool come from a folder, paired with the images by file stem
 (``folder:<name>``). A new extractor takes a few lines::
 
-    from ecm.controls import register_control
+    from ecm.data.controls import register_control
 
     @register_control("sobel")
     def sobel(img_HW3):

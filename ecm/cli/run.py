@@ -1,22 +1,66 @@
-"""``ecm-run``: generate images with an exported engine (ONNX Runtime or TensorRT), torch-free."""
+"""``ecm-run``: generate images with an exported engine (ONNX Runtime or TensorRT), torch-free.
+
+Everything here but :func:`default_engine` is the runtime's; that one exports the embedded default
+model on first use, with the export stack (torch), which is why it lives above the runtime.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 import click
 import numpy as np
 
-from .controls import control_type
-from .engine import BACKENDS, default_engine, open_engine
-from .errors import ECMError, exit_on_error
-from .images import grid, prepare_condition, read_image, save_png, zoom
-from .loop import Sampling, ScaleLoop
-from .manifest import Manifest
+from ecm.runtime.controls import control_type
+from ecm.runtime.engine import BACKENDS, open_engine
+from ecm.runtime.errors import ECMError, exit_on_error
+from ecm.runtime.files import cache_dir, file_sha256
+from ecm.runtime.images import grid, prepare_condition, read_image, save_png, zoom
+from ecm.runtime.loop import Sampling, ScaleLoop
+from ecm.runtime.manifest import MANIFEST_NAME, Manifest
 
 MAX_CPU_BATCH = 8
+
+
+def default_engine(progress: Callable[[str], None] = print) -> Path:
+    """The embedded default model exported to fp32 ONNX, made on first use (needs the export extra).
+
+    Kept in ecm's cache folder under the hash of the model's files, so a new default model gets a
+    new export.
+    """
+    assets = resources.files("ecm") / "assets" / "default"
+    digest = file_sha256(*(assets / name for name in ("vqvae.safetensors", "var.safetensors",
+                                                      "ecm_canny.safetensors")))
+    folder = cache_dir() / f"default-{digest[:12]}-fp32"
+    if (folder / MANIFEST_NAME).is_file():
+        return folder
+    try:
+        from ecm.export.pipeline import ExportOptions, export_model
+        from ecm.model.embedded import load_default
+    except ImportError:
+        raise ECMError("no --engine given, and exporting the embedded default model needs the export stack: "
+                       "pip install 'ecm[train,export,cpu]', or pass --engine with an ecm-export folder") from None
+    progress(f"exporting the embedded default model to ONNX once, into {folder} ...")
+    _, var, ecm = load_default()
+    # Exported beside the cache and renamed into place whole: a run starting meanwhile never sees a folder in the
+    # middle of an export, and of two first runs at once, the one that finishes second uses the first one's.
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+    try:
+        export_model(var, ecm, staging, ExportOptions(precision="fp32"), progress=progress)
+        try:
+            os.rename(staging, folder)
+        except OSError as e:
+            if not (folder / MANIFEST_NAME).is_file():
+                raise ECMError(f"cannot move the default model's export into {folder} ({e.strerror or e}); "
+                               "delete that folder and run again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def check_writable(path: Path) -> None:
@@ -103,21 +147,22 @@ def main(engine, conds, control, raw_cond, labels, seed, temperature, cfg, top_k
     B = (batch or m.batch) if is_trt else min(batch or MAX_CPU_BATCH, num_images)
     if is_trt and B != m.batch:
         raise ECMError(f"these plans are built for batch {m.batch}; drop --batch or re-export with --batch {B}")
-    loop = ScaleLoop(m, runner, B)
-    rows, strips, seconds, timings = [], [], 0.0, []
-    for cond, label in zip(conditions, labels):
-        images, steps = [], []
-        for start in range(0, num_images, B):
-            cond_B = None if cond is None else np.repeat(cond[None], B, axis=0)
-            t0 = time.perf_counter()
-            traj = loop.run(np.full(B, label), cond_B, sampling, seed=seed + start, steps=save_steps, timed=verbose)
-            seconds += time.perf_counter() - t0
-            timings.append(traj.seconds)
-            keep = min(B, num_images - start)
-            images += list(traj.images[:keep])
-            steps += [[s[i] for s in traj.step_images] for i in range(keep)]
-        rows.append(images if cond is None else [cond, *images])
-        strips += steps
+    with runner:  # sessions, plans and streams are released however the run ends
+        loop = ScaleLoop(m, runner, B)
+        rows, strips, seconds, timings = [], [], 0.0, []
+        for cond, label in zip(conditions, labels):
+            images, steps = [], []
+            for start in range(0, num_images, B):
+                cond_B = None if cond is None else np.repeat(cond[None], B, axis=0)
+                t0 = time.perf_counter()
+                traj = loop.run(np.full(B, label), cond_B, sampling, seed=seed + start, steps=save_steps, timed=verbose)
+                seconds += time.perf_counter() - t0
+                timings.append(traj.seconds)
+                keep = min(B, num_images - start)
+                images += list(traj.images[:keep])
+                steps += [[s[i] for s in traj.step_images] for i in range(keep)]
+            rows.append(images if cond is None else [cond, *images])
+            strips += steps
     total = len(conditions) * num_images
     factor = max(1, 128 // m.image_size)
     if total == 1:

@@ -8,7 +8,6 @@ from ``(seed, step)`` alone, so ``--resume`` continues exactly where the run sto
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ecm.checkpoint import atomic_path
-from ecm.runtime.errors import CheckpointError, ConfigError, ECMError
+from ecm.runtime.errors import CheckpointError, ConfigError, ECMError, first_line
+from ecm.runtime.files import atomic_path
 
 
 @dataclass
@@ -182,7 +181,7 @@ def load_train_state(out_dir: Path, task: nn.Module, opt: torch.optim.Optimizer,
         if "model" in state:  # the weights file may be a save ahead of this state: take the state's weights
             task.load_state_dict(state["model"])
     except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"cannot resume from {path} ({str(e)[:120]}); delete it to start over") from None
+        raise CheckpointError(f"cannot resume from {path} ({first_line(e, 120)}); delete it to start over") from None
     if "model" not in state and step != weights_step:  # written by an ecm that kept the weights apart
         raise CheckpointError(f"{out_dir}: the weights are from step {weights_step} but the optimizer state from "
                               f"step {step} (the run stopped between the two writes); start the run again")
@@ -207,22 +206,6 @@ def trim_log(path: Path, step: int) -> None:
                 continue
         with atomic_path(path) as tmp:
             tmp.write_text("".join(f"{line}\n" for line in keep))
-
-
-def tensor_hash(state: dict[str, torch.Tensor], exact: bool = False) -> str:
-    """A short content hash of a state dict: keys, shapes and values.
-
-    By default values are hashed at fp16 precision, so a backbone shipped in fp16 keeps the
-    identity of its fp32 original; ``exact=True`` hashes them as they are.
-    """
-    h = hashlib.sha256()
-    for k in sorted(state):
-        v = state[k].detach().cpu()
-        v = v.half() if v.is_floating_point() and not exact else v
-        h.update(k.encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def cross_entropy(logits_BLV: torch.Tensor, target_BL: torch.Tensor) -> torch.Tensor:

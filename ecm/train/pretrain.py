@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ecm.checkpoint import checkpoint_step, save_model
-from ecm.config import VARConfig, VQVAEConfig
-from ecm.data import InMemory, to_model_range
-from ecm.train import Dist, TrainSpec, batch_indices, cross_entropy, fit
-from ecm.var import VAR
-from ecm.vqvae import VQVAE
+from ecm.data.datasets import InMemory
+from ecm.model.checkpoint import checkpoint_step, save_model
+from ecm.model.config import VARConfig, VQVAEConfig
+from ecm.model.pixels import to_model_range
+from ecm.model.var import VAR
+from ecm.model.vqvae import VQVAE
+from ecm.train.loop import Dist, TrainSpec, batch_indices, cross_entropy, fit
 
 
 class VQVAETask(nn.Module):
@@ -31,7 +32,8 @@ class VQVAETask(nn.Module):
         self.vae, self.data, self.batch, self.dist = vae, data, batch, dist
 
     def forward(self, step: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-        img, _ = self.data.batch(batch_indices(rng, len(self.data), self.batch, self.dist), self.dist.device)
+        idx = batch_indices(rng, len(self.data), self.batch, self.dist)
+        img = to_model_range(self.data.images[idx]).to(self.dist.device)
         if step % 20 == 19:  # revive unused codes on this batch's residuals
             with torch.no_grad():
                 self.vae.quantize(self.vae.img_to_f(img))

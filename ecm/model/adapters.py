@@ -11,19 +11,21 @@ unchanged. Working at D = C/4 keeps an adapter's cost near 1/12 of a backbone bl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ecm import resample
-from ecm.config import VARConfig
-from ecm.kv_cache import KVCache
-from ecm.runtime.errors import ConfigError
+from ecm.model import interpolate
+from ecm.model.checkpoint import config_from_meta, read_checkpoint, save_safetensors, tensor_hash
+from ecm.model.config import VARConfig, config_to_dict
+from ecm.model.kv_cache import KVCache
+from ecm.model.layers import FFN, Injector, SelfAttention, attend
+from ecm.runtime.errors import CheckpointError, ConfigError
 from ecm.runtime.scales import begin_ends
-from ecm.var import FFN, SelfAttention, attend
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class AdapterBlock(nn.Module):
         D = cfg.width
         self.down = nn.Linear(cfg.embed_dim, D)
         self.ln1 = nn.LayerNorm(D)
-        self.attn = SelfAttention(VARConfig(depth=1, embed_dim=D, num_heads=cfg.heads))
+        self.attn = SelfAttention(D, cfg.heads)
         self.ln2 = nn.LayerNorm(D)
         self.up = nn.Linear(D, cfg.embed_dim)
 
@@ -143,9 +145,6 @@ class AdapterBlock(nn.Module):
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         x_BlD = self.down(h_BlC) + ctrl_BlD
         return x_BlD + self.attn(self.ln1(x_BlD), attn_bias, cache, layer)
-
-
-Injector = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class ECM(nn.Module):
@@ -171,7 +170,7 @@ class ECM(nn.Module):
         """
         f_BWhw = self.encoder(ctrl_B3HW)
         patch_nums = self.config.patch_nums[:num_scales]
-        per_scale = [resample.area(f_BWhw, pn).flatten(2).transpose(1, 2) for pn in patch_nums]
+        per_scale = [interpolate.area(f_BWhw, pn).flatten(2).transpose(1, 2) for pn in patch_nums]
         ctrl_BLD = self.ctrl_proj(torch.cat(per_scale, dim=1))
         if keep_B is not None:
             ctrl_BLD = ctrl_BLD * keep_B.view(-1, 1, 1).to(ctrl_BLD.dtype)
@@ -240,3 +239,39 @@ def count_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
 
+
+
+#: Version of the adapter architecture in checkpoints: 2 = bottleneck adapters (width D, own heads).
+ECM_FORMAT = "2"
+
+
+def save_ecm(ecm: ECM, path: str | Path, backbone_hash: str, control: str, step: int,
+             extra: dict[str, Any] | None = None) -> None:
+    """Adapter-only checkpoint: weights, config, control type and the backbone's hash (:func:`tensor_hash`)."""
+    meta = {"ecm_kind": "ecm", "ecm_format": ECM_FORMAT, "config": json.dumps(config_to_dict(ecm.config)),
+            "backbone_hash": backbone_hash, "control": control, "step": str(step),
+            **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    save_safetensors(ecm.state_dict(), path, meta)
+
+
+def load_ecm(path: str | Path, backbone: nn.Module | None = None) -> tuple[ECM, dict[str, str]]:
+    """Load adapters; with ``backbone`` (a VAR), refuse one other than the backbone they were trained on."""
+    state, meta = read_checkpoint(path)
+    if meta.get("ecm_kind") != "ecm":
+        raise CheckpointError(f"{path} is not an ECM adapter checkpoint (it holds "
+                              f"{meta.get('ecm_kind', 'a plain state dict')}); pass the file ecm-train wrote")
+    if meta.get("ecm_format") != ECM_FORMAT:
+        raise CheckpointError(f"{path} holds adapters of an earlier ecm (format {meta.get('ecm_format', '1')}, "
+                              f"full-width adapters); this version reads format {ECM_FORMAT}: retrain with ecm-train")
+    ecm = ECM(config_from_meta(meta, "ecm", ECMConfig))
+    try:
+        ecm.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError:  # keys or shapes of another config
+        raise CheckpointError(f"{path}: adapter weights do not fit their own config; the file is damaged") from None
+    if backbone is not None:
+        ecm.check_backbone(backbone.config)
+        got = tensor_hash(backbone.state_dict())
+        if meta.get("backbone_hash") != got:
+            raise CheckpointError(f"{path} was trained on backbone {meta.get('backbone_hash')}, but the loaded "
+                                  f"backbone is {got}; load the backbone these adapters belong to (--vae, --var)")
+    return ecm.eval(), meta

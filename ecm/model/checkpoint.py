@@ -7,23 +7,20 @@ an :class:`ECMError` subclass with a one-line message, never a raw torch traceba
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ecm.config import VARConfig, VQVAEConfig, config_from_dict, config_to_dict
-from ecm.runtime.errors import CheckpointError
+from ecm.model.config import VARConfig, VQVAEConfig, config_from_dict, config_to_dict
+from ecm.runtime.errors import CheckpointError, first_line
 from ecm.runtime.files import atomic_path
 from ecm.runtime.scales import PATCH_NUMS_256, total_tokens
-
-if TYPE_CHECKING:
-    from ecm.var import VAR
-    from ecm.vqvae import VQVAE
 
 StateDict = dict[str, torch.Tensor]
 
@@ -77,7 +74,7 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open is not a dict)
     except Exception as e:  # safetensors raises several unrelated types for corrupt files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_short(e)}); it may be "
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(e, 160)}); it may be "
                               "truncated or corrupt: re-download or re-save it") from None
 
 
@@ -85,7 +82,7 @@ def _read_torch(path: Path) -> tuple[StateDict, dict[str, str]]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many unrelated types for a bad file
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_short(e)}); it may be "
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(e, 160)}); it may be "
                               "truncated or corrupt: re-download it") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict()")
@@ -95,11 +92,6 @@ def _read_torch(path: Path) -> tuple[StateDict, dict[str, str]]:
         raise CheckpointError(f"{path} is not a flat state dict (entry {bad[0]!r} is not a tensor); "
                               "extract the model's state dict first")
     return state, meta
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:160]
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -127,8 +119,12 @@ def _first(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + more
 
 
-def _build_and_load(build: Callable[[], nn.Module], state: StateDict, what: str) -> nn.Module:
-    """Build on the meta device, check, then adopt the checkpoint's tensors (as fp32)."""
+def build_and_load(build: Callable[[], nn.Module], state: StateDict, what: str) -> Any:
+    """Build a model on the meta device, check ``state`` against it, then adopt its tensors (as fp32).
+
+    Models load themselves through this (``VQVAE.from_checkpoint``, ``VAR.from_checkpoint``), so
+    this module knows file formats and configs but none of the model classes.
+    """
     with torch.device("meta"):
         model = build()
     check_state_dict(model, state, what)
@@ -205,32 +201,18 @@ def infer_var_config(state: StateDict, patch_nums: tuple[int, ...] | None = None
     return VARConfig(**{**found, **overrides})
 
 
-def load_vqvae(source: str | Path | dict[str, Any], **overrides: Any) -> VQVAE:
-    """A VQVAE from an official or ecm checkpoint (see :meth:`VQVAE.from_checkpoint`)."""
-    from ecm.vqvae import VQVAE
+def tensor_hash(state: dict[str, torch.Tensor], exact: bool = False, length: int = 16) -> str:
+    """A content hash of a state dict: keys, shapes and values, ``length`` hex digits.
 
-    state, meta = read_checkpoint(source)
-    if "config" in meta:
-        cfg = config_from_meta(meta, "vqvae", VQVAEConfig, overrides)
-    else:
-        cfg = infer_vqvae_config(state, **overrides)
-    return _build_and_load(lambda: VQVAE(cfg), state, "VQVAE")
-
-
-def load_var(source: str | Path | dict[str, Any], vae: VQVAE | None = None, **overrides: Any) -> VAR:
-    """A VAR from an official or ecm checkpoint (see :meth:`VAR.from_checkpoint`)."""
-    from ecm.var import VAR
-
-    state, meta = read_checkpoint(source)
-    if "config" in meta:
-        cfg = config_from_meta(meta, "var", VARConfig, overrides)
-    else:
-        patch_nums = overrides.pop("patch_nums", vae.config.patch_nums if vae is not None else None)
-        cfg = infer_var_config(state, patch_nums, **overrides)
-    model = _build_and_load(lambda: VAR(cfg), state, "VAR")
-    if vae is not None:
-        try:
-            model.attach_vae(vae)
-        except ValueError as e:
-            raise CheckpointError(f"{e}; load the VQVAE this VAR was trained with") from None
-    return model
+    By default values are hashed at fp16 precision, so a backbone shipped in fp16 keeps the
+    identity of its fp32 original (adapters record it to refuse other backbones); ``exact=True``
+    hashes them as they are.
+    """
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu()
+        v = v.half() if v.is_floating_point() and not exact else v
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()[:length]

@@ -18,16 +18,16 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ecm.adapters import ECM, ECMConfig
-from ecm.checkpoint import config_from_meta, read_checkpoint, save_safetensors
-from ecm.config import config_to_dict
-from ecm.controls import Control
-from ecm.data import Dataset, to_model_range
-from ecm.pretrain import tokenize
+from ecm.data.controls import Control
+from ecm.data.datasets import Dataset
+from ecm.model.adapters import ECM, load_ecm, save_ecm
+from ecm.model.checkpoint import tensor_hash
+from ecm.model.pixels import to_model_range
+from ecm.model.var import VAR
+from ecm.model.vqvae import VQVAE
 from ecm.runtime.errors import CheckpointError
-from ecm.train import Dist, TrainSpec, batch_indices, cross_entropy, fit, tensor_hash
-from ecm.var import VAR
-from ecm.vqvae import VQVAE
+from ecm.train.loop import Dist, TrainSpec, batch_indices, cross_entropy, fit
+from ecm.train.pretrain import tokenize
 
 
 def sample_num_scales(rng: np.random.Generator, num_scales: int, strength: float) -> int:
@@ -98,41 +98,6 @@ class ECMTask(nn.Module):
         ctrl_BLD = self.ecm.control_tokens(ctrl, keep_B, num_scales=K)
         logits = var(label, x_BLCv, self.ecm, ctrl_BLD, num_scales=K)
         return cross_entropy(logits, tokens_BL[:, :ed]), label.shape[0] * ed
-
-
-#: Version of the adapter architecture in checkpoints: 2 = bottleneck adapters (width D, own heads).
-ECM_FORMAT = "2"
-
-
-def save_ecm(ecm: ECM, path: Path, backbone_hash: str, control: str, step: int, extra: dict | None = None) -> None:
-    """Adapter-only checkpoint: weights, config, control type and the backbone's hash."""
-    meta = {"ecm_kind": "ecm", "ecm_format": ECM_FORMAT, "config": json.dumps(config_to_dict(ecm.config)),
-            "backbone_hash": backbone_hash,
-            "control": control, "step": str(step), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    save_safetensors(ecm.state_dict(), path, meta)
-
-
-def load_ecm(path: str | Path, var: VAR | None = None) -> tuple[ECM, dict[str, str]]:
-    """Load adapters; with ``var``, refuse a backbone other than the one they were trained on."""
-    state, meta = read_checkpoint(path)
-    if meta.get("ecm_kind") != "ecm":
-        raise CheckpointError(f"{path} is not an ECM adapter checkpoint (it holds "
-                              f"{meta.get('ecm_kind', 'a plain state dict')}); pass the file ecm-train wrote")
-    if meta.get("ecm_format") != ECM_FORMAT:
-        raise CheckpointError(f"{path} holds adapters of an earlier ecm (format {meta.get('ecm_format', '1')}, "
-                              f"full-width adapters); this version reads format {ECM_FORMAT}: retrain with ecm-train")
-    ecm = ECM(config_from_meta(meta, "ecm", ECMConfig))
-    try:
-        ecm.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError:  # keys or shapes of another config
-        raise CheckpointError(f"{path}: adapter weights do not fit their own config; the file is damaged") from None
-    if var is not None:
-        ecm.check_backbone(var.config)
-        got = tensor_hash(var.state_dict())
-        if meta.get("backbone_hash") != got:
-            raise CheckpointError(f"{path} was trained on backbone {meta.get('backbone_hash')}, but the loaded "
-                                  f"backbone is {got}; load the backbone these adapters belong to")
-    return ecm.eval(), meta
 
 
 RUN_RECORD = "run.json"

@@ -12,15 +12,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ecm.config import VARConfig
-from ecm.kv_cache import KVCache
+from ecm.model.checkpoint import build_and_load, config_from_meta, infer_var_config, read_checkpoint
+from ecm.model.config import VARConfig
+from ecm.model.kv_cache import KVCache
+from ecm.model.layers import FFN, Injector, SelfAttention
+from ecm.model.sampler import cfg_weight, sample_tokens
+from ecm.runtime.errors import CheckpointError
 from ecm.runtime.sampling import (
     DEFAULT_CFG,
     DEFAULT_ECM_TEMPERATURE,
@@ -31,66 +34,26 @@ from ecm.runtime.sampling import (
 )
 from ecm.runtime.scales import begin_ends
 from ecm.runtime.schedule import TemperatureSchedule, parse_temperature
-from ecm.sampling import cfg_weight, sample_tokens
 
 if TYPE_CHECKING:
-    from ecm.adapters import ECM, ControlState, Injector
-    from ecm.vqvae import VQVAE
+    from ecm.model.vqvae import VQVAE
+
+class ScaleControl(Protocol):
+    """One generation's control, scale by scale: what :meth:`VAR.step` asks of it (ECM's ControlState)."""
+
+    def injector(self, si: int) -> Injector: ...
+
+    def advance(self, num_tokens: int) -> None: ...
 
 
-def attend(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
-           attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention with scale 1 (q and k are L2-normalised), as plain MatMul + Softmax."""
-    scores = q_BHlc @ k_BHLc.transpose(-2, -1)
-    if attn_bias is not None:
-        scores = scores + attn_bias
-    return scores.softmax(dim=-1) @ v_BHLc
+class Steering(Protocol):
+    """A control module as VAR uses it (:class:`ecm.model.adapters.ECM`): an injector for teacher forcing
+    over given control tokens, and per-generation state from a control image."""
 
+    def injector(self, ctrl_BlD: torch.Tensor, attn_bias: torch.Tensor | None = None,
+                 cache: KVCache | None = None) -> Injector: ...
 
-class SelfAttention(nn.Module):
-    """Multi-head attention with L2-normalised q, k and a learned per-head temperature."""
-
-    def __init__(self, cfg: VARConfig):
-        super().__init__()
-        C, H = cfg.embed_dim, cfg.num_heads
-        self.num_heads, self.head_dim = H, C // H
-        self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
-        self.max_scale_mul = math.log(100)
-        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(C))
-        self.v_bias = nn.Parameter(torch.zeros(C))
-        self.register_buffer("zero_k_bias", torch.zeros(C))
-        self.proj = nn.Linear(C, C)
-
-    def qkv(self, x_BlC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project to heads: q (scaled), k (unit length) and v, each (B, H, l, c)."""
-        B, l, _ = x_BlC.shape
-        w = self.mat_qkv.weight  # fp16 in fp16 exports: the matmul runs in its precision, the rest in fp32
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(w.dtype)
-        qkv = F.linear(x_BlC.to(w.dtype), w, bias).to(x_BlC.dtype).view(B, l, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-        return F.normalize(q, dim=-1) * scale_mul, F.normalize(k, dim=-1), v
-
-    def forward(self, x_BlC: torch.Tensor, attn_bias: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, l, C = x_BlC.shape
-        q, k, v = self.qkv(x_BlC)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        return self.proj(attend(q, k, v, attn_bias).transpose(1, 2).reshape(B, l, C))
-
-
-class FFN(nn.Module):
-    """Linear -> GELU (tanh) -> Linear."""
-
-    def __init__(self, C: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(C, hidden)
-        self.fc2 = nn.Linear(hidden, C)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def start(self, ctrl_B3HW: torch.Tensor) -> ScaleControl: ...
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -100,7 +63,7 @@ class AdaLNSelfAttn(nn.Module):
         super().__init__()
         C = cfg.embed_dim
         self.C = C
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg.embed_dim, cfg.num_heads)
         self.ffn = FFN(C, cfg.mlp_hidden)
         self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
@@ -253,7 +216,7 @@ class VAR(nn.Module):
         return x_BlC
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, ecm: ECM | None = None,
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, ecm: Steering | None = None,
                 ctrl_BLD: torch.Tensor | None = None, num_scales: int | None = None) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) for all scales at once.
 
@@ -276,7 +239,7 @@ class VAR(nn.Module):
         return self.logits(x_BLC, cond_BD)
 
     def step(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor, cache: KVCache,
-             control: ControlState | None = None) -> torch.Tensor:
+             control: ScaleControl | None = None) -> torch.Tensor:
         """Run scale si: (B, pn*pn, C) input tokens -> (B, pn*pn, V) logits, extending the cache(s)."""
         b, e = self.begin_ends[si]
         if cache.fill != b or x_BlC.shape[1] != e - b:
@@ -294,7 +257,7 @@ class VAR(nn.Module):
     def generate(self, label_B: torch.Tensor | list[int], *, cfg: float = DEFAULT_CFG, top_k: int = DEFAULT_TOP_K,
                  top_p: float = DEFAULT_TOP_P, temperature: str | float | TemperatureSchedule | None = None,
                  seed: int = 0, uniforms: list[np.ndarray] | None = None, decode: bool = True,
-                 ecm: ECM | None = None, control_B3HW: torch.Tensor | None = None,
+                 ecm: Steering | None = None, control_B3HW: torch.Tensor | None = None,
                  candidates: int | None = None, trace: bool = False) -> Generation:
         """Class-conditional generation with CFG (official linear ramp), scale by scale.
 
@@ -361,7 +324,21 @@ class VAR(nn.Module):
     @classmethod
     def from_checkpoint(cls, source: str | Path | dict[str, Any], vae: VQVAE | None = None,
                         **overrides: Any) -> VAR:
-        """Load an official ``var_d*.pth`` or one of ours; depth and width come from the shapes."""
-        from ecm.checkpoint import load_var
+        """Load an official ``var_d*.pth`` or one of ours; depth and width come from the shapes.
 
-        return load_var(source, vae=vae, **overrides)
+        With ``vae`` the VQVAE is attached (it must have this VAR's codebook and scales), and a flat
+        state dict takes its scales from it.
+        """
+        state, meta = read_checkpoint(source)
+        if "config" in meta:
+            cfg = config_from_meta(meta, "var", VARConfig, overrides)
+        else:
+            patch_nums = overrides.pop("patch_nums", vae.config.patch_nums if vae is not None else None)
+            cfg = infer_var_config(state, patch_nums, **overrides)
+        model = build_and_load(lambda: cls(cfg), state, "VAR")
+        if vae is not None:
+            try:
+                model.attach_vae(vae)
+            except ValueError as e:
+                raise CheckpointError(f"{e}; load the VQVAE this VAR was trained with") from None
+        return model

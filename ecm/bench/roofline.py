@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ecm.adapters import ECM, ECMConfig
-from ecm.config import VARConfig
+from ecm.model.adapters import ECM, ECMConfig
+from ecm.model.config import VARConfig
+from ecm.model.var import VAR
 from ecm.runtime.scales import begin_ends
-from ecm.var import VAR
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Datasets: an image folder (ImageNet layout or flat) and a procedural set that needs no download.
 
 Both yield uint8 RGB arrays (H, W, 3) at the model's resolution and an int class label; control
-maps are computed from (or paired with) that array, so image and map always line up.
+maps are computed from (or paired with) that array, so image and map always line up. NumPy and
+PIL only: export verification and INT8 calibration draw their held-out conditions from here.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from ecm.runtime.errors import ECMError
 from ecm.runtime.images import IMAGE_SUFFIXES, preprocess, read_image
 
+#: Procedural-set seeds: training images come from seed 0, held-out evaluation images from this one.
+HELD_OUT_SEED = 1000
 #: Classes of the procedural set: one shape kind each.
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "ellipse", "bars")
 
@@ -32,11 +34,6 @@ class Dataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]: ...
-
-
-def to_model_range(arr_NHW3: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float tensor (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr_NHW3)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 @dataclass
@@ -83,9 +80,6 @@ class InMemory:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] (B, 3, H, W) and labels (B,)."""
-        return to_model_range(self.images[idx]).to(device), torch.from_numpy(self.labels[idx]).to(device)
 
 
 class ProceduralShapes:

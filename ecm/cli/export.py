@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from ecm.calibration.options import (
     ACTIVATIONS,
     DEFAULT_BATCH,
@@ -34,7 +35,7 @@ def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: 
     the embedded default's) on the given backbone, else the one their training run recorded."""
     if not with_ecm:
         return None, vae_path, var_path, "exporting the backbone alone (no adapters)"
-    from ecm.control_train import trained_backbone
+    from ecm.train.adapters import trained_backbone
 
     what = f"exporting {ecm_path or 'the embedded default adapters'}"
     if ecm_path is None and (run := latest_training_run()) is not None:
@@ -105,10 +106,10 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
                    f"written to {build_only}")
         return
     from ecm.export.onnx_export import check_opset
-    from ecm.export.pipeline import ExportOptions, export_model, sha256
-
-    from ecm.control_train import load_ecm
-    from ecm.default_model import default_paths, load_backbone
+    from ecm.export.pipeline import ExportOptions, export_model
+    from ecm.model.adapters import load_ecm
+    from ecm.model.embedded import default_paths, load_backbone
+    from ecm.runtime.files import file_sha256
 
     check_opset(opset)
     if calib is not None and precision != "int8":
@@ -124,10 +125,11 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
     if ecm is not None:
         sources["ecm"] = ecm_path or defaults[2]
     opts = ExportOptions(precision=precision, opset=opset, batch=batch, candidates=candidates,
-                         static_scales=static_scales, sources={k: sha256(p) for k, p in sources.items()})
+                         static_scales=static_scales, sources={k: file_sha256(p) for k, p in sources.items()})
     if precision == "int8":
-        from ecm.calibration.pipeline import export_int8
         from tqdm import tqdm
+
+        from ecm.calibration.pipeline import export_int8
 
         calib_opts = CalibOptions(source=calib, samples=calib_samples, batch=calib_batch, scope=int8_scope,
                                   activations=int8_activations, smooth=smooth, report_images=report_images)

@@ -1,7 +1,7 @@
 """The multi-scale residual VQVAE of VAR: encoder, decoder, and the quantizer with phi.
 
 Module and parameter names follow the official code so that ``vae_ch160v4096z32.pth`` loads with
-``strict=True``. Resampling uses the exact matrix forms in :mod:`ecm.resample`.
+``strict=True``. Resampling uses the exact matrix forms in :mod:`ecm.model.interpolate`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ecm import resample
-from ecm.config import VQVAEConfig
+from ecm.model import interpolate
+from ecm.model.checkpoint import build_and_load, config_from_meta, infer_vqvae_config, read_checkpoint
+from ecm.model.config import VQVAEConfig
 from ecm.runtime.scales import phi_table
 
 
@@ -231,7 +232,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def upsampled_residual(self, si: int, h_BChw: torch.Tensor) -> torch.Tensor:
         """phi_si(bicubic(h -> HW)): what scale si adds to f_hat."""
-        return self.quant_resi[si](resample.bicubic(h_BChw, self.HW))
+        return self.quant_resi[si](interpolate.bicubic(h_BChw, self.HW))
 
     @torch.no_grad()
     @torch.autocast("cuda", enabled=False)
@@ -241,7 +242,7 @@ class MultiScaleQuantizer(nn.Module):
         f_rest = f_BChw.detach().float().clone()
         idx_list = []
         for si, pn in enumerate(self.patch_nums):
-            z_NC = resample.area(f_rest, pn).permute(0, 2, 3, 1).reshape(-1, C)
+            z_NC = interpolate.area(f_rest, pn).permute(0, 2, 3, 1).reshape(-1, C)
             idx_Bl = self.nearest_code(z_NC).view(B, pn * pn)
             f_rest -= self.upsampled_residual(si, self.embed(idx_Bl, pn))
             idx_list.append(idx_Bl)
@@ -261,7 +262,7 @@ class MultiScaleQuantizer(nn.Module):
         """
         f_hat = f_hat + self.upsampled_residual(si, h_BChw)
         pn_next = self.patch_nums[min(si + 1, len(self.patch_nums) - 1)]
-        return f_hat, resample.area(f_hat, pn_next)
+        return f_hat, interpolate.area(f_hat, pn_next)
 
     @torch.autocast("cuda", enabled=False)
     def forward(self, f_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +277,7 @@ class MultiScaleQuantizer(nn.Module):
         loss = f_BChw.new_zeros(())
         residuals = []
         for si, pn in enumerate(self.patch_nums):
-            z_NC = resample.area(f_rest, pn).permute(0, 2, 3, 1).reshape(-1, self.Cvae)
+            z_NC = interpolate.area(f_rest, pn).permute(0, 2, 3, 1).reshape(-1, self.Cvae)
             idx_Bl = self.nearest_code(z_NC.detach()).view(f_BChw.shape[0], pn * pn)
             if self.training:
                 hits = torch.bincount(idx_Bl.flatten(), minlength=self.vocab_size).float()
@@ -380,6 +381,9 @@ class VQVAE(nn.Module):
         A flat state dict does not record ``patch_nums`` (ten scales are taken to be the official
         ones) or ``norm_groups`` (32, as released): pass them as overrides for other models.
         """
-        from ecm.checkpoint import load_vqvae
-
-        return load_vqvae(source, **overrides)
+        state, meta = read_checkpoint(source)
+        if "config" in meta:
+            cfg = config_from_meta(meta, "vqvae", VQVAEConfig, overrides)
+        else:
+            cfg = infer_vqvae_config(state, **overrides)
+        return build_and_load(lambda: cls(cfg), state, "VQVAE")

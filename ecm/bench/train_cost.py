@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecm.adapters import ECM, ecm_config
-from ecm.control_train import ControlData, ECMTask
-from ecm.controls import Control
-from ecm.data import ProceduralShapes
-from ecm.default_model import load_backbone
-from ecm.train import Dist
+from ecm.data.controls import Control
+from ecm.data.datasets import ProceduralShapes
+from ecm.model.adapters import ECM, ecm_config
+from ecm.model.embedded import load_backbone
+from ecm.train.adapters import ControlData, ECMTask
+from ecm.train.loop import Dist
 
 
 def iteration_cost(iters: int = 30, batch: int = 32, strength: float = 0.8, warmup: int = 3, images: int = 256,

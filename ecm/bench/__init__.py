@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory, the analytic (roofline) floor and training cost, side by side (``ecm-bench``)."""

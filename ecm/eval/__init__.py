@@ -1,0 +1,1 @@
+"""Evaluation: control fidelity of ECM against the backbone alone (``ecm-eval``)."""

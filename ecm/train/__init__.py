@@ -1,0 +1,1 @@
+"""Training: the generic loop, the ECM adapter task (``ecm-train``) and backbone pretraining (``ecm-pretrain``)."""
