@@ -52,13 +52,13 @@ def _run(onnx_path: Path, name: str, feeds: Arrays, gold: Path) -> tuple[Path, P
     from polygraphy.json import save_json
 
     feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-    with quiet():
-        results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(onnx_path)))], data_loader=[feeds])
     inputs, outputs = gold / f"{name}.inputs.json", gold / f"{name}.outputs.json"
-    with atomic_path(inputs) as tmp:
-        save_json([feeds], str(tmp))
-    with atomic_path(outputs) as tmp:
-        results.save(str(tmp))
+    with quiet():  # polygraphy reports every run and save
+        results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(onnx_path)))], data_loader=[feeds])
+        with atomic_path(inputs) as tmp:
+            save_json([feeds], str(tmp))
+        with atomic_path(outputs) as tmp:
+            results.save(str(tmp))
     return inputs, outputs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,16 @@ def test_golden_outputs_replay_with_polygraphy(fp32_export):
                          cwd=folder, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "PASSED" in res.stdout + res.stderr
+
+
+def test_golden_data_is_saved_without_a_word(fp32_export, tmp_path, capfd):
+    """polygraphy reports every run and save: an export prints its own progress lines and nothing else."""
+    from ecm.export.golden import save_golden
+
+    shutil.copytree(fp32_export.folder, tmp_path / "copy")
+    capfd.readouterr()
+    written = save_golden(tmp_path / "copy", fp32_export.manifest)
+    assert len(written) > 4 and capfd.readouterr() == ("", "")
 
 
 def test_folding_norms_and_gates_is_exact(tiny_pair, tiny_ecm):
