@@ -102,3 +102,45 @@ def test_overrides_apply_to_inferred_config(tiny_pair):
     _, var = tiny_pair
     loaded = VAR.from_checkpoint(var.state_dict(), vae=var.vae, cond_drop_rate=0.0)
     assert loaded.config == var_config("tiny", cond_drop_rate=0.0)
+
+
+def test_tensor_files_read_one_tensor_at_a_time_exactly(tmp_path):
+    """The lazy reader gives torch.load's and safetensors' tensors bit for bit, views of shared storages
+    included, and refuses pickles that hold anything but tensors and dicts."""
+    import pickle
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    from ecm.model.tensor_files import read_tensor_file
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = {"w": torch.randn(3, 5), "half": torch.randn(7).half(), "bf": torch.randn(2, 2).bfloat16(),
+             "idx": torch.arange(5), "view": base[1:3, 2:5], "t": base.t(), "empty": torch.zeros(0, 4)}
+    torch.save(state, tmp_path / "s.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "s.safetensors"), metadata={"a": "b"})
+    for name, want_meta in (("s.pth", {}), ("s.safetensors", {"a": "b"})):
+        lazy, meta = read_tensor_file(tmp_path / name)
+        assert meta == want_meta and set(lazy) == set(state)
+        for k, v in state.items():
+            assert lazy[k].shape == v.shape and lazy[k].dtype == v.dtype
+            got = lazy[k].load()
+            assert torch.equal(got, v) and got.dtype == v.dtype
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": torch.ones(1)}, tmp_path / "evil.pth")
+    with zipfile.ZipFile(tmp_path / "evil.pth") as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    members[pkl] = pickle.dumps({"x": Evil()}, protocol=2)
+    with zipfile.ZipFile(tmp_path / "evil.pth", "w") as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+    with pytest.raises(CheckpointError, match=r"print is not part of a state dict"):
+        read_tensor_file(tmp_path / "evil.pth")
+    (tmp_path / "huge.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="header is longer than the file"):
+        read_tensor_file(tmp_path / "huge.safetensors")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ecm.model.config import VARConfig, VQVAEConfig, config_from_dict, config_to_dict
+from ecm.model.tensor_files import LazyTensor, read_tensor_file
 from ecm.runtime.errors import CheckpointError, first_line
 from ecm.runtime.files import atomic_path
 from ecm.runtime.scales import PATCH_NUMS_256, total_tokens
@@ -44,8 +45,12 @@ def save_model(model: nn.Module, path: str | Path, kind: str, cfg: VQVAEConfig |
     save_safetensors(sd, path, meta)
 
 
-def read_checkpoint(source: str | Path | dict[str, Any]) -> tuple[StateDict, dict[str, str]]:
-    """A state dict and its metadata (empty for official files) from a path or a dict."""
+def read_checkpoint(source: str | Path | dict[str, Any], lazy: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """A state dict and its metadata (empty for official files) from a path or a dict.
+
+    ``lazy``: a file's tensors come as :class:`LazyTensor` (shape and dtype now, values on ``load()``),
+    so a model can take them one at a time (:func:`build_and_load`).
+    """
     if isinstance(source, dict):
         if "state_dict" in source and isinstance(source["state_dict"], dict):
             return dict(source["state_dict"]), {k: v for k, v in source.items() if isinstance(v, str)}
@@ -53,9 +58,11 @@ def read_checkpoint(source: str | Path | dict[str, Any]) -> tuple[StateDict, dic
     path = Path(source)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_torch(path)
+    found = read_tensor_file(path)
+    if found is None:  # PyTorch's legacy format: read whole
+        return _read_torch(path)
+    tensors, meta = found
+    return (tensors if lazy else {k: t.load() for k, t in tensors.items()}), meta
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -64,18 +71,6 @@ def checkpoint_step(path: str | Path) -> int:
     if "step" not in meta:
         raise CheckpointError(f"{path} records no training step, so it cannot be resumed; start a new run")
     return int(meta["step"])
-
-
-def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as e:  # safetensors raises several unrelated types for corrupt files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(e, 160)}); it may be "
-                              "truncated or corrupt: re-download or re-save it") from None
 
 
 def _read_torch(path: Path) -> tuple[StateDict, dict[str, str]]:
@@ -120,7 +115,8 @@ def _first(items: list[str], n: int = 3) -> str:
 
 
 def build_and_load(build: Callable[[], nn.Module], state: StateDict, what: str) -> Any:
-    """Build a model on the meta device, check ``state`` against it, then adopt its tensors (as fp32).
+    """Build a model on the meta device, check ``state`` against it, then adopt its tensors (as fp32) one
+    at a time, reading lazy ones as it goes: the model costs its size once, however large.
 
     Models load themselves through this (``VQVAE.from_checkpoint``, ``VAR.from_checkpoint``), so
     this module knows file formats and configs but none of the model classes.
@@ -128,8 +124,15 @@ def build_and_load(build: Callable[[], nn.Module], state: StateDict, what: str) 
     with torch.device("meta"):
         model = build()
     check_state_dict(model, state, what)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    for name, value in state.items():
+        t = value.load() if isinstance(value, LazyTensor) else value
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        t = t.float() if t.is_floating_point() else t
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
+        else:
+            module._buffers[attr] = t
     return model.eval()
 
 

@@ -329,7 +329,7 @@ class VAR(nn.Module):
         With ``vae`` the VQVAE is attached (it must have this VAR's codebook and scales), and a flat
         state dict takes its scales from it.
         """
-        state, meta = read_checkpoint(source)
+        state, meta = read_checkpoint(source, lazy=True)
         if "config" in meta:
             cfg = config_from_meta(meta, "var", VARConfig, overrides)
         else:

@@ -381,7 +381,7 @@ class VQVAE(nn.Module):
         A flat state dict does not record ``patch_nums`` (ten scales are taken to be the official
         ones) or ``norm_groups`` (32, as released): pass them as overrides for other models.
         """
-        state, meta = read_checkpoint(source)
+        state, meta = read_checkpoint(source, lazy=True)
         if "config" in meta:
             cfg = config_from_meta(meta, "vqvae", VQVAEConfig, overrides)
         else:
