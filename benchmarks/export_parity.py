@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import click
-from ecm.export.pipeline import ExportOptions, export_model
+from ecm.export.pipeline import ExportOptions, Models, export_model
 
 from ecm.bench.models import d16_proportioned
 from ecm.model.embedded import load_default
@@ -27,7 +27,7 @@ def main() -> None:
         for name, (v, e) in models.items():
             for precision in ("fp32", "fp16"):
                 out = Path(tmp) / f"{name}-{precision}"
-                r = export_model(v, e, out, ExportOptions(precision=precision), progress=lambda _: None).report
+                r = export_model(Models(v, e), out, ExportOptions(precision=precision), progress=lambda _: None).report
                 click.echo(f"{name:18}{precision:>10}{r.worst_rel_diff:17.1e}{100 * r.min_token_agreement:15.1f}%"
                            f"{100 * r.min_teacher_agreement:22.1f}%{r.scales[0].logits_rel_diff:18.1e}")
     click.echo("Free-running reduced precision diverges after the first flipped sample; teacher forcing measures "

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 from ecm.calibration import CalibOptions, export_int8
-from ecm.export.pipeline import ExportOptions, export_model
+from ecm.export.pipeline import ExportOptions, Models, export_model
 from ecm.runtime.loop import Sampling, ScaleLoop
 from ecm.runtime.manifest import Manifest
 from ecm.runtime.ort_backend import OrtBackend
@@ -37,8 +37,8 @@ def measure(name: str, var, ecm, work: Path, repeats: int, calib: CalibOptions) 
     quiet = lambda _: None  # noqa: E731
     fp32, int8 = work / f"{name}-fp32", work / f"{name}-int8"
     click.echo(f"[{name}] exporting fp32 and INT8 ({calib.samples} calibration generations) ...")
-    export_model(var, ecm, fp32, ExportOptions(precision="fp32", verify=False), quiet)
-    result = export_int8(var, ecm, int8, ExportOptions(), calib, quiet)
+    export_model(Models(var, ecm), fp32, ExportOptions(precision="fp32", verify=False), quiet)
+    result = export_int8(Models(var, ecm), int8, ExportOptions(), calib, quiet)
     m32, m8 = Manifest.load(fp32), result.manifest
     cond, label = condition(m32), np.array([1])
     loops = {"fp32": ScaleLoop(m32, OrtBackend(fp32, m32), 1), "int8": ScaleLoop(m8, OrtBackend(int8, m8), 1),

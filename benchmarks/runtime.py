@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 import torch
-from ecm.export.pipeline import ExportOptions, export_model
+from ecm.export.pipeline import ExportOptions, Models, export_model
 from ecm.runtime.manifest import Manifest
 
 from ecm.bench.memory import probe_memory
@@ -38,8 +38,8 @@ def measure(name: str, var, ecm, work: Path, repeats: int) -> dict:
     quiet = lambda _: None  # noqa: E731
     with_ecm, without = work / f"{name}-ecm", work / f"{name}-backbone"
     click.echo(f"[{name}] exporting (fp32, with and without adapters) ...")
-    export_model(var, ecm, with_ecm, ExportOptions(precision="fp32", verify=False), quiet)
-    export_model(var, None, without, ExportOptions(precision="fp32", verify=False), quiet)
+    export_model(Models(var, ecm), with_ecm, ExportOptions(precision="fp32", verify=False), quiet)
+    export_model(Models(var), without, ExportOptions(precision="fp32", verify=False), quiet)
     m = Manifest.load(with_ecm)
     eager = eager_generation(var, ecm, m)
     runtime = runtime_generation(with_ecm, m)

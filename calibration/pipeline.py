@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 from ecm.calibration.options import CalibOptions, check_activations, check_scope
 from ecm.calibration.quantize import prepare, quantize_cpu, quantize_qdq, quantize_weights, teacher_agreement
-from ecm.calibration.record import calibration_set, check_source, control_feeds, step_feeds
+from ecm.calibration.record import CalibrationSet, calibration_set, check_source, control_feeds, step_feeds
 from ecm.calibration.report import int8_report
-from ecm.export.pipeline import ExportOptions, ExportResult, Progress, export_model
+from ecm.export.pipeline import ExportOptions, ExportResult, ModelSource, Progress, export_model
+from ecm.export.verify import Reference, eager_reference
 from ecm.runtime.errors import ConfigError
 from ecm.runtime.files import cache_dir
 from ecm.runtime.manifest import CPU_FORM, Manifest, graph_file
@@ -44,17 +45,26 @@ def choose_activations(agreement: list[float], minimum: float, progress: Progres
     return "fp16"
 
 
-def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOptions,
-                calib: CalibOptions | None = None, progress: Progress = print,
-                bar: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> ExportResult:
-    """An INT8 export of ``var`` (+ ``ecm``) into ``out_dir``: complete and verified, or untouched."""
-    out_dir = Path(out_dir)
-    calib = calib or CalibOptions()
-    cache = calib.cache or cache_dir() / "calibration"
+class Int8Quantizer:
+    """The INT8 part of an export (:class:`ecm.export.pipeline.Quantizer`): calibration generations and the
+    report's reference are made with the eager models, then the exported fp32 graphs are rewritten."""
 
-    def quantize(tmp: Path, m: Manifest, progress: Progress) -> None:
-        cset = None if calib.activations == "fp16" else calibration_set(
-            var, ecm, m, calib.source, cache, calib.samples, calib.batch, bar, progress)
+    def __init__(self, calib: CalibOptions, bar: Callable[[Iterable[Any]], Iterable[Any]] = iter):
+        self.calib, self.bar = calib, bar
+        self.cset: CalibrationSet | None = None
+        self.reference: Reference | None = None
+
+    def record(self, var: VAR, ecm: ECM | None, m: Manifest, progress: Progress) -> None:
+        calib = self.calib
+        if calib.activations != "fp16":
+            cache = calib.cache or cache_dir() / "calibration"
+            self.cset = calibration_set(var, ecm, m, calib.source, cache, calib.samples, calib.batch, self.bar,
+                                        progress)
+        progress(f"generating {calib.report_images} eager reference images for the INT8 report ...")
+        self.reference = eager_reference(var, ecm, m, calib.report_images)
+
+    def apply(self, tmp: Path, m: Manifest, progress: Progress) -> None:
+        calib, cset = self.calib, self.cset
         fp32 = tmp / "fp32"  # the graphs as exported, for teacher forcing; gone before the export is committed
         fp32.mkdir()
         try:
@@ -95,11 +105,16 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
         m.quantization = {"scope": calib.scope, "activations": activations}
         m.save(tmp)
         progress(f"measuring INT8 against fp32 on {calib.report_images} held-out images ...")
-        report, picture = int8_report(tmp, var, ecm, calib.report_images)
+        report, picture = int8_report(tmp, self.reference)
         progress(report.summary())
         if picture is not None:
-            progress(f"fp32 | INT8 samples side by side: {out_dir / picture.name}")
+            progress(f"fp32 | INT8 samples side by side: {picture.name} in the export folder")
 
+
+def export_int8(source: ModelSource, out_dir: str | Path, opts: ExportOptions, calib: CalibOptions | None = None,
+                progress: Progress = print, bar: Callable[[Iterable[Any]], Iterable[Any]] = iter) -> ExportResult:
+    """An INT8 export of ``source``'s models into ``out_dir``: complete and verified, or untouched."""
+    calib = calib or CalibOptions()
     check_scope(calib.scope)
     check_activations(calib.activations)
     if calib.source is not None and calib.activations == "fp16":
@@ -112,4 +127,4 @@ def export_int8(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpti
     if opts.static_scales:
         raise ConfigError("--static-scales is not available for int8 exports; its per-scale graphs are "
                           "exported in fp32 or fp16 only")
-    return export_model(var, ecm, out_dir, replace(opts, precision="int8"), progress, quantize=quantize)
+    return export_model(source, out_dir, replace(opts, precision="int8"), progress, Int8Quantizer(calib, bar))

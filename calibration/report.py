@@ -11,14 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from ecm.export.verify import Reference, compare, eager_reference
+from ecm.export.verify import Reference, compare
 from ecm.runtime.controls import control_type
 from ecm.runtime.files import write_json
 from ecm.runtime.images import grid, save_png, zoom
 from ecm.runtime.manifest import STEM, Manifest
-
-from ecm.model.adapters import ECM
-from ecm.model.var import VAR
 
 REPORT_NAME = f"{STEM}.int8.json"
 PICTURE_NAME = f"{STEM}.int8.png"
@@ -68,11 +65,10 @@ def mean_fidelity(m: Manifest, images_NHW3: np.ndarray, cond_NHW3: np.ndarray) -
     return float(np.mean([kind.score(img, c, m.control) for img, c in zip(images_NHW3, cond_NHW3)]))
 
 
-def int8_report(folder: Path, var: VAR, ecm: ECM | None, images: int = 16,
-                ref: Reference | None = None) -> tuple[Int8Report, Path | None]:
-    """Measure the INT8 export in ``folder``; writes the report and (with control) the picture there."""
+def int8_report(folder: Path, ref: Reference) -> tuple[Int8Report, Path | None]:
+    """Measure the INT8 export in ``folder`` against the eager generations ``ref``; writes the report and
+    (with control) the picture there."""
     m = Manifest.load(folder)
-    ref = ref or eager_reference(var, ecm, m, images)
     qdq, qdq_images = compare(folder, ref, cpu_forms=False)
     cpu, cpu_images = compare(folder, ref, cpu_forms=True)
     fidelity, picture = [None] * 4, None

@@ -16,13 +16,15 @@ export was interrupted has no manifest and is never taken for a valid one)::
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -31,21 +33,79 @@ from ecm.export.graphs import ControlGraph, DecoderGraph, StepGraph
 from ecm.export.onnx_export import DEFAULT_OPSET, MAX_CANDIDATES, check_opset, export_graph
 from ecm.export.precision import cast_matmuls
 from ecm.export.tensorrt_ops import graph_problems
-from ecm.export.verify import VerifyReport, verify_export
+from ecm.export.verify import VerifyReport, eager_reference, verify_export
 from ecm.runtime.errors import ConfigError, ECMError
-from ecm.runtime.files import write_json
+from ecm.runtime.files import file_sha256, write_json
 from ecm.runtime.manifest import CPU_FORM, MANIFEST_NAME, PRECISIONS, STEM, ControlSpec, Manifest, graph_file
+from ecm.runtime.memory import return_freed_memory, trim_heap
 from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_ECM_TEMPERATURE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
-from ecm.model.adapters import ECM
+from ecm.model.adapters import ECM, load_ecm
+from ecm.model.embedded import default_paths, load_backbone
 from ecm.model.sampler import candidate_count
 from ecm.model.var import VAR
 
 VERIFY_NAME = f"{STEM}.verify.json"
 VERIFY_BATCH = 4  # images compared with the eager model in every export
 Progress = Callable[[str], None]
-#: Rewrites the fp32 graphs of an unfinished export folder in place (INT8: calibrate and quantize).
-Quantizer = Callable[[Path, Manifest, Progress], None]
+
+
+class ModelSource(Protocol):
+    """Where an export's eager models come from. The export consumes what :meth:`load` hands out: it takes
+    everything it needs of the eager models first, then turns them into their deployable form in place."""
+
+    def load(self) -> tuple[VAR, ECM | None]: ...
+
+    def sources(self) -> dict[str, str]:
+        """Checkpoint role -> sha256 of its file, for the manifest (empty for models that have none)."""
+        ...
+
+
+@dataclass
+class Models:
+    """Models in memory: each load hands out copies, so the caller's stay as they are."""
+
+    var: VAR
+    ecm: ECM | None = None
+
+    def load(self) -> tuple[VAR, ECM | None]:
+        return copy.deepcopy(self.var), copy.deepcopy(self.ecm)  # the VAR's VQVAE is copied with it
+
+    def sources(self) -> dict[str, str]:
+        return {}
+
+
+@dataclass
+class Checkpoints:
+    """Checkpoint files (None: the embedded default's), read one tensor at a time by each load."""
+
+    vae: Path | None = None
+    var: Path | None = None
+    ecm: Path | None = None
+    with_ecm: bool = True
+
+    def load(self) -> tuple[VAR, ECM | None]:
+        _, var = load_backbone(self.vae, self.var)
+        ecm = load_ecm(self.ecm or default_paths()[2], var)[0] if self.with_ecm else None
+        return var, ecm
+
+    def sources(self) -> dict[str, str]:
+        vae, var, ecm = default_paths()
+        files = {"vqvae": self.vae or vae, "var": self.var or var, "ecm": self.ecm or ecm}
+        return {role: file_sha256(path) for role, path in files.items() if role != "ecm" or self.with_ecm}
+
+
+class Quantizer(Protocol):
+    """What an INT8 export adds (``ecm.calibration``): work with the eager models before they become the
+    deployable ones, then the rewrite of the exported fp32 graphs."""
+
+    def record(self, var: VAR, ecm: ECM | None, m: Manifest, progress: Progress) -> None:
+        """Everything the eager models are needed for (calibration generations, report references)."""
+        ...
+
+    def apply(self, folder: Path, m: Manifest, progress: Progress) -> None:
+        """Quantize the fp32 graphs of the unfinished export in ``folder``; ``m`` gains the forms it writes."""
+        ...
 
 
 @dataclass
@@ -58,7 +118,6 @@ class ExportOptions:
     candidates: int | None = None  # default: the default top-k (or the vocabulary, if smaller)
     static_scales: bool = False
     verify: bool = True
-    sources: dict[str, str] = field(default_factory=dict)  # checkpoint role -> sha256
 
 
 @dataclass
@@ -69,8 +128,9 @@ class ExportResult:
     report: VerifyReport | None
 
 
-def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions) -> Manifest:
-    """The manifest of an export of ``var`` (+ ``ecm``) with ``opts``; checks the options."""
+def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions, sources: dict[str, str] | None = None) -> Manifest:
+    """The manifest of an export of ``var`` (+ ``ecm``, loaded from the files with ``sources``) with ``opts``;
+    checks the options."""
     if opts.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
     check_opset(opts.opset)
@@ -101,7 +161,7 @@ def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions) -> Manifest:
         num_phi=vcfg.share_quant_resi, batch=opts.batch, candidates=candidates, cfg=DEFAULT_CFG,
         top_k=min(DEFAULT_TOP_K, candidates), top_p=DEFAULT_TOP_P,
         temperature=DEFAULT_ECM_TEMPERATURE if ecm is not None else DEFAULT_TEMPERATURE, control=control,
-        graphs=graphs, sources=dict(opts.sources), opset=opts.opset, ecm_version=version)
+        graphs=graphs, sources=dict(sources or {}), opset=opts.opset, ecm_version=version)
 
 
 def adapter_facts(ecm: ECM | None) -> dict[str, int]:
@@ -114,20 +174,22 @@ def adapter_facts(ecm: ECM | None) -> dict[str, int]:
 
 def deployable(var: VAR, ecm: ECM | None, precision: str,
                candidates: int) -> tuple[StepGraph, nn.Module | None, nn.Module]:
-    """Copies of the three networks as they are exported: norms folded, precision applied.
+    """The three networks as they are exported, made from ``var`` and ``ecm`` in place: norms folded,
+    precision applied, the VQVAE's encoder dropped. Layer by layer, so that no second copy of the
+    weights is ever whole: the models are consumed.
 
-    INT8 exports start from fp32 graphs (ONNX Runtime's quantizer rewrites those) and keep the
-    AdaLN layers as linear layers, so their weights are quantized like every other linear layer
-    instead of becoming fp32 tables as large as those weights.
+    INT8 exports start from fp32 graphs (the quantizer rewrites those) and keep the AdaLN layers as
+    linear layers, so their weights are quantized like every other linear layer instead of becoming
+    fp32 tables as large as those weights.
     """
-    var = copy.deepcopy(var).eval().float()
-    var.attach_vae(copy.deepcopy(var.vae).eval().float())
+    var, vae = var.eval().float(), var.vae.eval().float()
+    vae.encoder = vae.quant_conv = None  # generation decodes only
     if precision != "int8":
         fold_class_tables(var, torch.float32 if precision == "fp32" else torch.float16)
-    ecm = fold_ecm_norms(copy.deepcopy(ecm).eval().float()) if ecm is not None else None
+    ecm = fold_ecm_norms(ecm.eval().float()) if ecm is not None else None
     step = StepGraph(var, ecm, candidates)
     control = ControlGraph(ecm) if ecm is not None else None
-    decoder = DecoderGraph(var.vae)
+    decoder = DecoderGraph(vae)
     if precision == "fp16":
         cast_matmuls(step, torch.float16, skip=("var.head",))
         cast_matmuls(decoder, torch.float16)
@@ -136,47 +198,51 @@ def deployable(var: VAR, ecm: ECM | None, precision: str,
     return step, control, decoder
 
 
-def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOptions,
-                 progress: Progress = print, quantize: Quantizer | None = None) -> ExportResult:
+def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, progress: Progress = print,
+                 quantizer: Quantizer | None = None) -> ExportResult:
     """Export, verify with ONNX Runtime, save golden outputs; the folder is complete or untouched.
 
-    ``quantize`` runs on the finished fp32 graphs before verification (``ecm.calibration``).
+    In bounded memory: the eager models of ``source`` first make what needs them (the verification's
+    reference generations, the ``quantizer``'s recordings), then become the deployable graphs in
+    place, are exported and freed; only then does ONNX Runtime load anything. ``quantizer`` rewrites
+    the fp32 graphs of an INT8 export before verification (``ecm.calibration``).
     """
     out_dir = Path(out_dir)
-    m = make_manifest(var, ecm, opts)
-    if (opts.precision == "int8") != (quantize is not None):
+    return_freed_memory()  # a freed fp32 layer goes back to the OS, not into a heap that keeps it
+    if (opts.precision == "int8") != (quantizer is not None):
         raise ConfigError("an int8 export needs calibration: use ecm.calibration.export_int8 "
                           "(ecm-export --precision int8), which quantizes; other precisions take no quantizer")
-    step, control, decoder = deployable(var, ecm, opts.precision, m.candidates)
+    var, ecm = source.load()
+    m = make_manifest(var, ecm, opts, source.sources())
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".ecm-export-", dir=out_dir))
     except OSError as e:
         raise ECMError(f"cannot write to {out_dir}: {e.strerror or e}; choose a writable --out folder") from None
     try:
-        progress(f"exporting the step graph ({opts.precision}, opset {opts.opset}) ...")
-        # traced at a middle scale and batch 2, so that no symbolic axis is specialised to 1
-        export_graph(step, m.io("step", min(2, m.num_scales - 2), batch=2), tmp / m.graphs["step"], opts.opset)
-        if opts.static_scales:
-            for si in range(m.num_scales):
-                progress(f"exporting the static step graph of scale {si} ...")
-                export_graph(step, m.io("step", si), tmp / m.graphs[f"step_s{si}"], opts.opset, dynamic=False)
-        if control is not None:
-            progress("exporting the control encoder ...")
-            export_graph(control, m.io("control", batch=2), tmp / m.graphs["control"], opts.opset)
-        progress("exporting the decoder ...")
-        export_graph(decoder, m.io("decoder", batch=2), tmp / m.graphs["decoder"], opts.opset)
+        reference = None
+        if opts.verify:
+            progress("generating the eager model's reference images ...")
+            reference = eager_reference(var, ecm, m, max(opts.batch, VERIFY_BATCH))
+        if quantizer is not None:
+            quantizer.record(var, ecm, m, progress)
+        graphs = deployable(var, ecm, opts.precision, m.candidates)
+        del var, ecm  # the graphs hold what is left of them
+        export_graphs(graphs, m, tmp, opts, progress)
+        del graphs
+        gc.collect()
+        trim_heap()
         m.save(tmp)
-        if quantize is not None:
-            quantize(tmp, m, progress)
+        if quantizer is not None:
+            quantizer.apply(tmp, m, progress)
         for role, name in m.graphs.items():
             problems = [] if role.endswith(CPU_FORM) else graph_problems(tmp / name)
             if problems:
                 raise ECMError(f"{name} would not parse in TensorRT: {'; '.join(problems[:3])}")
         report = None
-        if opts.verify:
+        if reference is not None:
             progress("verifying with ONNX Runtime against the eager model ...")
-            report = verify_export(tmp, var, ecm, batch=max(opts.batch, VERIFY_BATCH))
+            report = verify_export(tmp, reference)
             write_json(report.to_dict(), tmp / VERIFY_NAME)
             progress(report.summary())
         from ecm.export.golden import save_golden
@@ -187,6 +253,24 @@ def export_model(var: VAR, ecm: ECM | None, out_dir: str | Path, opts: ExportOpt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out_dir, Manifest.load(out_dir), files, report)
+
+
+def export_graphs(graphs: tuple[StepGraph, nn.Module | None, nn.Module], m: Manifest, folder: Path,
+                  opts: ExportOptions, progress: Progress) -> None:
+    """Trace the deployable networks into the ONNX files ``m`` names, in ``folder``."""
+    step, control, decoder = graphs
+    progress(f"exporting the step graph ({opts.precision}, opset {opts.opset}) ...")
+    # traced at a middle scale and batch 2, so that no symbolic axis is specialised to 1
+    export_graph(step, m.io("step", min(2, m.num_scales - 2), batch=2), folder / m.graphs["step"], opts.opset)
+    if opts.static_scales:
+        for si in range(m.num_scales):
+            progress(f"exporting the static step graph of scale {si} ...")
+            export_graph(step, m.io("step", si), folder / m.graphs[f"step_s{si}"], opts.opset, dynamic=False)
+    if control is not None:
+        progress("exporting the control encoder ...")
+        export_graph(control, m.io("control", batch=2), folder / m.graphs["control"], opts.opset)
+    progress("exporting the decoder ...")
+    export_graph(decoder, m.io("decoder", batch=2), folder / m.graphs["decoder"], opts.opset)
 
 
 def _commit(tmp: Path, out_dir: Path) -> list[Path]:

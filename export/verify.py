@@ -128,19 +128,33 @@ def guided_argmax(logits_2BlV: np.ndarray, t: float) -> np.ndarray:
     return mix_cfg(torch.from_numpy(logits_2BlV), t).argmax(-1).numpy()
 
 
+#: Images per eager or ONNX Runtime run when checking an export: a d16's KV cache is 0.18 GB per image with
+#: CFG in fp32 (a d30's 0.31 GB), so references of any size are made and compared in runs of this many.
+CHUNK = 2
+
+
 @dataclass
 class Reference:
-    """An eager (fp32) generation on held-out conditions: what every export is compared with."""
+    """Eager (fp32) generations on held-out conditions, kept scale by scale: what every export is compared with.
+
+    ``chunks`` holds runs of up to CHUNK images; image j overall is image j % CHUNK of chunk j // CHUNK
+    and drew its uniforms from seed ``seed + j``, as in one run of all of them.
+    """
 
     labels: np.ndarray
     cond: np.ndarray | None
     sampling: Sampling
     seed: int
-    generation: Generation
+    chunks: list[Generation]
 
     @property
     def images(self) -> np.ndarray:
-        return to_uint8(self.generation.images)
+        return np.concatenate([to_uint8(g.images) for g in self.chunks])
+
+    def spans(self) -> list[tuple[int, int, Generation]]:
+        """(first image, end, generation) of every chunk."""
+        starts = np.cumsum([0] + [len(g.idx_list[0]) for g in self.chunks])
+        return [(int(a), int(b), g) for a, b, g in zip(starts, starts[1:], self.chunks)]
 
 
 @torch.no_grad()
@@ -148,11 +162,13 @@ def eager_reference(var: VAR, ecm: ECM | None, m: Manifest, batch: int, seed: in
     """Generate ``batch`` held-out images eagerly with the export's sampling settings, keeping every scale."""
     sampling = Sampling.defaults(m)
     labels, cond = conditions(m, batch)
-    ctrl = to_model_range(cond) if cond is not None else None
-    gen = var.generate(torch.from_numpy(labels), cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p,
-                       temperature=sampling.temperature, seed=seed, ecm=ecm, control_B3HW=ctrl,
-                       candidates=m.candidates, trace=True)
-    return Reference(labels, cond, sampling, seed, gen)
+    chunks = []
+    for a in range(0, batch, CHUNK):
+        ctrl = to_model_range(cond[a:a + CHUNK]) if cond is not None else None
+        chunks.append(var.generate(torch.from_numpy(labels[a:a + CHUNK]), cfg=sampling.cfg, top_k=sampling.top_k,
+                                   top_p=sampling.top_p, temperature=sampling.temperature, seed=seed + a, ecm=ecm,
+                                   control_B3HW=ctrl, candidates=m.candidates, trace=True))
+    return Reference(labels, cond, sampling, seed, chunks)
 
 
 def compare(folder: Path, ref: Reference, cpu_forms: bool = True) -> tuple[VerifyReport, np.ndarray]:
@@ -161,27 +177,49 @@ def compare(folder: Path, ref: Reference, cpu_forms: bool = True) -> tuple[Verif
     ``cpu_forms=False`` runs an INT8 export's Q/DQ graphs (TensorRT's) instead of its CPU forms.
     """
     m = Manifest.load(folder)
-    B, eager = len(ref.labels), ref.generation
-    teacher = Trajectory(x_in=[x.numpy() for x in eager.x_in], f_hat_in=[f.numpy() for f in eager.f_hat_in])
+    K = m.num_scales
+    diff, top = np.zeros(K), np.zeros(K)
+    same, forced_same, count = np.zeros(K), np.zeros(K), np.zeros(K)
+    images, divergences = [], []
     with OrtBackend(folder, m, cpu_forms=cpu_forms) as backend:
-        loop = ScaleLoop(m, backend, B)
-        free = loop.run(ref.labels, ref.cond, ref.sampling, seed=ref.seed, record=True)
-        forced = loop.run(ref.labels, ref.cond, ref.sampling, seed=ref.seed, teacher=teacher, record=True,
-                          decode=False)
+        loops: dict[int, ScaleLoop] = {}
+        for a, b, eager in ref.spans():
+            loop = loops.setdefault(b - a, ScaleLoop(m, backend, b - a))
+            labels, cond = ref.labels[a:b], None if ref.cond is None else ref.cond[a:b]
+            free = loop.run(labels, cond, ref.sampling, seed=ref.seed + a, record=True)
+            teacher = Trajectory(x_in=[x.numpy() for x in eager.x_in], f_hat_in=[f.numpy() for f in eager.f_hat_in])
+            forced = loop.run(labels, cond, ref.sampling, seed=ref.seed + a, teacher=teacher, record=True,
+                              decode=False)
+            images.append(free.images)
+            first = None
+            for si in range(K):
+                want, t = eager.logits[si].numpy(), cfg_weight(ref.sampling.cfg, si, K)
+                diff[si] = max(diff[si], float(np.abs(free.logits[si] - want).max()))
+                top[si] = max(top[si], float(np.abs(want).max()))
+                equal = free.tokens[si] == eager.idx_list[si].numpy()
+                same[si] += equal.sum()
+                forced_same[si] += (guided_argmax(forced.logits[si], t) == guided_argmax(want, t)).sum()
+                count[si] += equal.size
+                if first is None and not equal.all():
+                    first = si
+                    divergences.append(diverged(si, eager.logits[si], free, eager.idx_list[si], ref.sampling, m))
+    scales = [ScaleReport(patch=pn, logits_max_abs_diff=float(diff[si]), logits_rel_diff=float(diff[si] / top[si]),
+                          token_agreement=float(same[si] / count[si]),
+                          teacher_top1_agreement=float(forced_same[si] / count[si]))
+              for si, pn in enumerate(m.patch_nums)]
+    out = np.concatenate(images)
+    image_diff = int(np.abs(out.astype(int) - ref.images.astype(int)).max())
+    return VerifyReport(m.precision, len(ref.labels), ref.seed, scales, image_diff, merge(divergences, count)), out
 
-    scales, divergence = [], None
-    for si, pn in enumerate(m.patch_nums):
-        want = eager.logits[si].numpy()
-        diff = float(np.abs(free.logits[si] - want).max())
-        t = cfg_weight(ref.sampling.cfg, si, m.num_scales)
-        scales.append(ScaleReport(
-            patch=pn, logits_max_abs_diff=diff, logits_rel_diff=diff / float(np.abs(want).max()),
-            token_agreement=float((free.tokens[si] == eager.idx_list[si].numpy()).mean()),
-            teacher_top1_agreement=float((guided_argmax(forced.logits[si], t) == guided_argmax(want, t)).mean())))
-        if divergence is None and scales[-1].token_agreement < 1:
-            divergence = diverged(si, eager.logits[si], free, eager.idx_list[si], ref.sampling, m)
-    image_diff = int(np.abs(free.images.astype(int) - ref.images.astype(int)).max())
-    return VerifyReport(m.precision, B, ref.seed, scales, image_diff, divergence), free.images
+
+def merge(divergences: list[Divergence], count: np.ndarray) -> Divergence | None:
+    """The divergence of a whole reference from those of its chunks: at the first scale any chunk differs."""
+    if not divergences:
+        return None
+    si = min(d.scale for d in divergences)
+    at = [d for d in divergences if d.scale == si]
+    return Divergence(si, sum(d.differ for d in at), int(count[si]), sum(d.near_ties for d in at),
+                      max(d.largest_margin for d in at), max(d.tolerance for d in at))
 
 
 def diverged(si: int, logits_2BlV: torch.Tensor, free: Trajectory, eager_Bl: torch.Tensor, s: Sampling,
@@ -199,7 +237,6 @@ def diverged(si: int, logits_2BlV: torch.Tensor, free: Trajectory, eager_Bl: tor
                       min(float(margin_Bl[differ].max()), 1e3), float(tol_Bl[differ].max()))  # 1e3: out of reach
 
 
-def verify_export(folder: Path, var: VAR, ecm: ECM | None, seed: int = 0, batch: int | None = None) -> VerifyReport:
-    """Run the export in ``folder`` with ONNX Runtime and compare it with the eager (fp32) model."""
-    m = Manifest.load(folder)
-    return compare(folder, eager_reference(var, ecm, m, batch or m.batch, seed))[0]
+def verify_export(folder: Path, ref: Reference) -> VerifyReport:
+    """Run the export in ``folder`` with ONNX Runtime and compare it with the eager (fp32) model's ``ref``."""
+    return compare(folder, ref)[0]

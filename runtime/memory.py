@@ -23,6 +23,13 @@ def return_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim) after large objects are gone."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):

@@ -38,17 +38,17 @@ def tiny_ecm(tiny_pair):
 @pytest.fixture(scope="session")
 def fp32_export(tiny_pair, tiny_ecm, tmp_path_factory):
     """The tiny backbone + adapters exported in fp32, with the static per-scale graphs too."""
-    from ecm.export.pipeline import ExportOptions, export_model
+    from ecm.export.pipeline import ExportOptions, Models, export_model
 
     out = tmp_path_factory.mktemp("fp32")
-    return export_model(tiny_pair[1], tiny_ecm, out, ExportOptions(precision="fp32", static_scales=True),
+    return export_model(Models(tiny_pair[1], tiny_ecm), out, ExportOptions(precision="fp32", static_scales=True),
                         progress=lambda _: None)
 
 
 @pytest.fixture(scope="session")
 def fp16_export(tiny_pair, tiny_ecm, tmp_path_factory):
     """The same in fp16."""
-    from ecm.export.pipeline import ExportOptions, export_model
+    from ecm.export.pipeline import ExportOptions, Models, export_model
 
     out = tmp_path_factory.mktemp("fp16")
-    return export_model(tiny_pair[1], tiny_ecm, out, ExportOptions(precision="fp16"), progress=lambda _: None)
+    return export_model(Models(tiny_pair[1], tiny_ecm), out, ExportOptions(precision="fp16"), progress=lambda _: None)

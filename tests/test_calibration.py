@@ -24,7 +24,7 @@ from ecm.calibration.quantize import (
 from ecm.calibration.record import META_NAME, calibration_set, model_fingerprint, step_feeds
 from ecm.calibration.report import PICTURE_NAME, REPORT_NAME
 from ecm.export.onnx_files import load_onnx, save_onnx
-from ecm.export.pipeline import ExportOptions
+from ecm.export.pipeline import ExportOptions, Models
 from ecm.export.tensorrt_ops import graph_problems
 from ecm.runtime.errors import ECMError
 from ecm.runtime.loop import Sampling, ScaleLoop
@@ -45,7 +45,7 @@ def calib_cache(tmp_path_factory) -> Path:
 def int8_export(tiny_pair, tiny_ecm, calib_cache, tmp_path_factory):
     """W8A8 Q/DQ graphs (INT8 activations, calibrated) beside the CPU forms."""
     out = tmp_path_factory.mktemp("int8")
-    return export_int8(tiny_pair[1], tiny_ecm, out, ExportOptions(),
+    return export_int8(Models(tiny_pair[1], tiny_ecm), out, ExportOptions(),
                        CalibOptions(samples=4, batch=2, cache=calib_cache, activations="int8", report_images=4),
                        **QUIET)
 
@@ -54,7 +54,7 @@ def int8_export(tiny_pair, tiny_ecm, calib_cache, tmp_path_factory):
 def weight_only_export(tiny_pair, tiny_ecm, tmp_path_factory):
     """W8A16 Q/DQ graphs: weight-only, so no calibration (its cache must stay empty)."""
     out, cache = tmp_path_factory.mktemp("int8-w8a16"), tmp_path_factory.mktemp("unused-cache")
-    result = export_int8(tiny_pair[1], tiny_ecm, out, ExportOptions(),
+    result = export_int8(Models(tiny_pair[1], tiny_ecm), out, ExportOptions(),
                          CalibOptions(cache=cache, activations="fp16", report_images=4), **QUIET)
     assert not any(cache.iterdir())
     return result
@@ -265,16 +265,19 @@ def test_smoothing_and_rewrites_are_exact(tmp_path):
 
 def test_int8_checks_its_options(tiny_pair, tiny_ecm, tmp_path):
     with pytest.raises(ECMError, match="unknown quantization scope"):
-        export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(), CalibOptions(scope="most"), **QUIET)
+        export_int8(Models(tiny_pair[1], tiny_ecm), tmp_path, ExportOptions(), CalibOptions(scope="most"),
+                    **QUIET)
     with pytest.raises(ECMError, match="static-scales"):
-        export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(static_scales=True), **QUIET)
+        export_int8(Models(tiny_pair[1], tiny_ecm), tmp_path, ExportOptions(static_scales=True), **QUIET)
     with pytest.raises(ECMError, match="unknown INT8 activation precision"):
-        export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(), CalibOptions(activations="int4"), **QUIET)
+        export_int8(Models(tiny_pair[1], tiny_ecm), tmp_path, ExportOptions(), CalibOptions(activations="int4"),
+                    **QUIET)
     with pytest.raises(ECMError, match="--calib has no use with --int8-activations fp16"):
-        export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(),
+        export_int8(Models(tiny_pair[1], tiny_ecm), tmp_path, ExportOptions(),
                     CalibOptions(source=tmp_path, activations="fp16"), **QUIET)
     with pytest.raises(ECMError, match="needs opset 19"):
-        export_int8(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(opset=17), CalibOptions(activations="fp16"),
+        export_int8(Models(tiny_pair[1], tiny_ecm), tmp_path, ExportOptions(opset=17),
+                    CalibOptions(activations="fp16"),
                     **QUIET)
     assert not any(tmp_path.iterdir())
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from ecm.export.fold import fold_ecm_norms
 from ecm.export.onnx_export import onnx_io
-from ecm.export.pipeline import VERIFY_NAME, ExportOptions, export_model
+from ecm.export.pipeline import VERIFY_NAME, ExportOptions, Models, export_model
 from ecm.export.tensorrt import missing_tensorrt, profile_shapes
 from ecm.export.tensorrt_ops import TENSORRT_OPS, graph_problems
 from ecm.runtime.errors import ECMError
@@ -194,7 +194,7 @@ def test_a_failed_export_leaves_the_previous_one_intact(fp32_export, tiny_pair, 
 
     monkeypatch.setattr(pipeline, "export_graph", fail_on_second_graph)
     with pytest.raises(ECMError, match="simulated"):
-        export_model(tiny_pair[1], tiny_ecm, tmp_path, ExportOptions(precision="fp16"), quiet)
+        export_model(Models(tiny_pair[1], tiny_ecm), tmp_path, ExportOptions(precision="fp16"), quiet)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     assert not list(tmp_path.glob(".ecm-export-*"))
 
@@ -207,7 +207,7 @@ def test_a_failed_export_leaves_the_previous_one_intact(fp32_export, tiny_pair, 
 ])
 def test_bad_export_options(tiny_pair, tiny_ecm, tmp_path, opts, message):
     with pytest.raises(ECMError, match=message):
-        export_model(tiny_pair[1], tiny_ecm, tmp_path, opts, quiet)
+        export_model(Models(tiny_pair[1], tiny_ecm), tmp_path, opts, quiet)
     assert not (tmp_path / MANIFEST_NAME).exists()
 
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from ecm.calibration import CalibOptions, export_int8
 from ecm.calibration.record import calibration_set
 from ecm.export.onnx_files import load_onnx, save_onnx
-from ecm.export.pipeline import ExportOptions
+from ecm.export.pipeline import ExportOptions, Models
 from ecm.export.verify import compare, eager_reference
 from ecm.runtime import controls
 from ecm.runtime.controls import canny_edges, control_type, to_rgb_map
@@ -55,7 +55,7 @@ def test_int8_export_into_a_folder_holding_an_export(fp32_export, tiny_pair, tin
     used = tmp_path / "used"
     shutil.copytree(fp32_export.folder, used)
     monkeypatch.chdir(used)
-    export_int8(tiny_pair[1], tiny_ecm, Path("."), ExportOptions(verify=False),
+    export_int8(Models(tiny_pair[1], tiny_ecm), Path("."), ExportOptions(verify=False),
                 CalibOptions(activations="fp16", report_images=1), **QUIET)
     m = Manifest.load(used)
     assert m.precision == "int8" and (used / "var_ecm.cpu.onnx.data").is_file()

@@ -32,7 +32,7 @@ from ecm.bench.roofline import Floor, image_floors, matmul_gflops, memory_gbps
 from ecm.bench.timing import alternate, condition, images_per_round
 from ecm.bench.train_cost import cost_lines, iteration_cost
 from ecm.calibration import CalibOptions, export_int8
-from ecm.export.pipeline import ExportOptions, export_model
+from ecm.export.pipeline import ExportOptions, Models, export_model
 from ecm.export.tensorrt import build_plans, missing_tensorrt
 from ecm.model.adapters import ECM
 from ecm.model.pixels import to_model_range
@@ -61,9 +61,10 @@ def export_one(name: str, folder_name: str, out: Path, report_images: int) -> st
     quiet = lambda _: None  # noqa: E731
     if precision == "int8":  # weight-only Q/DQ needs no calibration recording; the CPU form is what is timed
         calib = CalibOptions(activations="fp16", report_images=report_images)
-        export_int8(var, ecm, out, ExportOptions(verify=False), calib, quiet)
+        export_int8(Models(var, ecm), out, ExportOptions(verify=False), calib, quiet)
     else:
-        export_model(var, ecm if adapters else None, out, ExportOptions(precision=precision, verify=False), quiet)
+        export_model(Models(var, ecm if adapters else None), out, ExportOptions(precision=precision, verify=False),
+                     quiet)
     return f"{name} {folder_name} exported ({time.perf_counter() - start:.0f} s)"
 
 

@@ -106,26 +106,16 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
                    f"written to {build_only}")
         return
     from ecm.export.onnx_export import check_opset
-    from ecm.export.pipeline import ExportOptions, export_model
-    from ecm.model.adapters import load_ecm
-    from ecm.model.embedded import default_paths, load_backbone
-    from ecm.runtime.files import file_sha256
+    from ecm.export.pipeline import Checkpoints, ExportOptions, export_model
 
     check_opset(opset)
     if calib is not None and precision != "int8":
         raise ECMError("--calib calibrates INT8 exports; add --precision int8 or leave --calib out")
     ecm_path, vae_path, var_path, what = resolve_checkpoints(ecm_path, vae_path, var_path, not no_ecm)
     click.echo(what)
-    _, var = load_backbone(vae_path, var_path)
-    ecm = None
-    defaults = default_paths()
-    if not no_ecm:
-        ecm, _ = load_ecm(ecm_path or defaults[2], var)
-    sources = {"vqvae": vae_path or defaults[0], "var": var_path or defaults[1]}
-    if ecm is not None:
-        sources["ecm"] = ecm_path or defaults[2]
+    models = Checkpoints(vae_path, var_path, ecm_path, with_ecm=not no_ecm)
     opts = ExportOptions(precision=precision, opset=opset, batch=batch, candidates=candidates,
-                         static_scales=static_scales, sources={k: file_sha256(p) for k, p in sources.items()})
+                         static_scales=static_scales)
     if precision == "int8":
         from tqdm import tqdm
 
@@ -133,10 +123,10 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
 
         calib_opts = CalibOptions(source=calib, samples=calib_samples, batch=calib_batch, scope=int8_scope,
                                   activations=int8_activations, smooth=smooth, report_images=report_images)
-        result = export_int8(var, ecm, out, opts, calib_opts, progress=click.echo,
+        result = export_int8(models, out, opts, calib_opts, progress=click.echo,
                              bar=lambda it: tqdm(it, desc="calibration", unit="batch", dynamic_ncols=True))
     else:
-        result = export_model(var, ecm, out, opts, progress=click.echo)
+        result = export_model(models, out, opts, progress=click.echo)
     graphs = ", ".join(result.manifest.graphs.values())
     click.echo(f"wrote {out.resolve()}: var_ecm.json, {graphs} (weights in *.onnx.data), var_ecm.verify.json, "
                "golden/")

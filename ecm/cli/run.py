@@ -40,18 +40,16 @@ def default_engine(progress: Callable[[str], None] = print) -> Path:
     if (folder / MANIFEST_NAME).is_file():
         return folder
     try:
-        from ecm.export.pipeline import ExportOptions, export_model
-        from ecm.model.embedded import load_default
+        from ecm.export.pipeline import Checkpoints, ExportOptions, export_model
     except ImportError:
         raise ECMError("no --engine given, and exporting the embedded default model needs the export stack: "
                        "pip install 'ecm[train,export,cpu]', or pass --engine with an ecm-export folder") from None
     progress(f"exporting the embedded default model to ONNX once, into {folder} ...")
-    _, var, ecm = load_default()
     # Exported beside the cache and renamed into place whole: a run starting meanwhile never sees a folder in the
     # middle of an export, and of two first runs at once, the one that finishes second uses the first one's.
     staging = folder.with_name(f".{folder.name}.{os.getpid()}")
     try:
-        export_model(var, ecm, staging, ExportOptions(precision="fp32"), progress=progress)
+        export_model(Checkpoints(), staging, ExportOptions(precision="fp32"), progress=progress)
         try:
             os.rename(staging, folder)
         except OSError as e:

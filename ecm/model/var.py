@@ -299,6 +299,7 @@ class VAR(nn.Module):
             if si + 1 < K:
                 x_BlC = self.embed_scale(si + 1, next_BCpp).repeat(2, 1, 1)
         out.f_hat = f_hat
+        del cache, control  # the KV caches go before the decoder's activations come
         out.images = self.vae.fhat_to_img(f_hat) * 0.5 + 0.5 if decode else None
         return out
 
