@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from ecm.calibration.options import CalibOptions, check_activations, check_scope
-from ecm.calibration.quantize import prepare, quantize_cpu, quantize_qdq, quantize_weights, teacher_agreement
-from ecm.calibration.record import CalibrationSet, calibration_set, check_source, control_feeds, step_feeds
+from ecm.calibration.quantize import prepare, quantize_cpu, quantize_qdq, quantize_weights
+from ecm.calibration.record import CalibrationSet, calibrate, calibration_set, check_source, teacher_agreement
 from ecm.calibration.report import int8_report
 from ecm.export.pipeline import ExportOptions, ExportResult, ModelSource, Progress, export_model
 from ecm.export.verify import Reference, eager_reference
@@ -73,28 +71,25 @@ class Int8Quantizer:
                     os.replace(path, fp32 / path.name)
             m.save(fp32)
             reference = Manifest.load(fp32)  # m itself gains the CPU forms below
+            roles = [role for role in QUANTIZED_ROLES if role in m.graphs]
+            prepared = {role: prepare(fp32 / m.graphs[role], calib.scope) for role in roles}
             activations = calib.activations
-            for role in QUANTIZED_ROLES:  # the step first: with auto, its agreement decides the encoder's form too
-                if role not in m.graphs:
-                    continue
-                name = m.graphs[role]
-
-                def feeds(role: str = role) -> Iterator[dict[str, np.ndarray]]:
-                    return step_feeds(cset, fp32, reference) if role == "step" else control_feeds(cset)
-
-                with tempfile.TemporaryDirectory(prefix="ecm-quant-") as work:
-                    prep = prepare(fp32 / name, Path(work), calib.scope)
-                    if activations != "fp16":
-                        progress(f"quantizing {name} (W8A8) with {cset.meta.samples} calibration generations ...")
-                        quantize_qdq(prep, tmp / name, feeds, calib.smooth)
-                    if activations == "auto":
-                        activations = choose_activations(
-                            teacher_agreement(fp32 / name, tmp / name, feeds(), m.patch_nums),
-                            calib.min_agreement, progress)
-                    if activations == "fp16":
-                        progress(f"quantizing {name} (W8A16, weight-only) ...")
-                        quantize_weights(prep, tmp / name)
-                    quantize_cpu(prep, tmp / graph_file(role + CPU_FORM))
+            if activations != "fp16":
+                progress(f"calibrating: the fp32 graphs teacher-forced along {cset.meta.samples} recorded "
+                         "generations ...")
+                found = calibrate(cset, fp32, reference, {role: prepared[role].activations for role in roles})
+                for role in roles:
+                    progress(f"quantizing {m.graphs[role]} (W8A8) ...")
+                    quantize_qdq(prepared[role], tmp / m.graphs[role], found.absmax[role], calib.smooth)
+                if activations == "auto":  # the step graph's agreement decides the encoder's form too
+                    agreement = teacher_agreement(cset, fp32, reference, tmp / m.graphs["step"], found.top1)
+                    activations = choose_activations(agreement, calib.min_agreement, progress)
+            for role in roles:
+                if activations == "fp16":
+                    progress(f"quantizing {m.graphs[role]} (W8A16, weight-only) ...")
+                    quantize_weights(prepared[role], tmp / m.graphs[role])
+                progress(f"writing the CPU form of {m.graphs[role]} ...")
+                quantize_cpu(prepared[role], tmp / graph_file(role + CPU_FORM))
                 m.graphs[role + CPU_FORM] = graph_file(role + CPU_FORM)
             for name in m.graphs.values():
                 if not (tmp / name).exists():  # the decoder stays fp32

@@ -1,6 +1,6 @@
-"""INT8 graphs from fp32 ones, with ONNX Runtime's quantization tools.
+"""INT8 graphs from exported fp32 ones, written a tensor at a time (the fp32 graph is never loaded whole).
 
-Two forms of the same quantization choices:
+Two forms of the same choice of layers:
 
 * **Q/DQ** for TensorRT, symmetric INT8 (zero points 0) with weights per output channel, in one
   of two kinds. W8A8 (:func:`quantize_qdq`): activations per tensor too, with ranges from
@@ -8,10 +8,11 @@ Two forms of the same quantization choices:
   core GEMMs. W8A16 (:func:`quantize_weights`): weight-only, the layer runs in fp16 on weights
   dequantized from INT8; half the weight traffic of fp16, which is what batch-1 generation on an
   edge GPU waits for, and no activation ranges to get wrong. ONNX Runtime runs both, which is how
-  they are checked here (:func:`teacher_agreement`).
-* **CPU** (:func:`quantize_cpu`): ``MatMulNBits`` with 8-bit symmetric weights per block of
-  inputs and activations quantized per block on the fly, which ONNX Runtime's CPU kernels run
-  faster than Q/DQ (and which loses less than per-tensor activation ranges).
+  they are checked here.
+* **CPU** (:func:`quantize_cpu`): ONNX Runtime's ``MatMulNBits`` with 8-bit symmetric weights per
+  block of inputs, activations quantized per block on the fly (accuracy level 4: its INT8 VNNI
+  kernels on x86), faster on a CPU than Q/DQ and losing less than per-tensor activation ranges.
+  Its weights are packed as ONNX Runtime's own quantizer packs them (tested bit for bit).
 
 Scope ``linear`` (default) quantizes the linear layers except the vocabulary head; attention
 (its two matrix products, softmax), the L2-normalisation, LayerNorm, the head and sampling stay
@@ -21,57 +22,49 @@ in fp32 (head, embeddings) are stored as fp16 and widened once when the graph is
 
 from __future__ import annotations
 
-import tempfile
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from ecm.calibration.options import SMOOTH_ALPHA, check_scope
-from ecm.export.onnx_files import load_onnx, save_onnx
-from ecm.export.quiet import quiet
+from ecm.calibration.options import check_scope
+from ecm.export.onnx_files import Graph
 from ecm.runtime.errors import ECMError
-from onnx import helper, numpy_helper
+from onnx import helper
 
 HALF_MIN_ELEMENTS = 1 << 16  # fp32 weights at least this large are stored as fp16
 CPU_BLOCK = 128  # inputs per weight scale in the CPU form (32: 1.4x slower on d16, no clear accuracy gain)
 CPU_ACCURACY = 4  # MatMulNBits: 4 = int8 products (activations quantized per block on the fly)
-Feeds = Callable[[], Iterable[dict[str, np.ndarray]]]  # a fresh iterator of graph inputs per call
+INT8_MAX = 127  # symmetric INT8: [-127, 127], zero point 0, as TensorRT's explicit quantization takes it
+F16, F32, I8 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.INT8
 
 
-def set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
-    """Replace the graph's nodes (a protobuf repeated field cannot be assigned)."""
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-
-
-def fold_constant_transposes(model: onnx.ModelProto) -> int:
+# ------------------------------------------------------------------------------------ preparing
+def fold_constant_transposes(g: Graph) -> int:
     """Replace Transpose nodes of weights by transposed weights, so the MatMul sees a weight; returns the count."""
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = g.initializers
     kept, folded = [], 0
-    for node in model.graph.node:
+    for node in g.model.graph.node:
         if node.op_type == "Transpose" and node.input[0] in inits:
-            arr = numpy_helper.to_array(inits[node.input[0]])
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            model.graph.initializer.append(numpy_helper.from_array(np.transpose(arr, perm), node.output[0]))
+            src = inits[node.input[0]]
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(src.dims)))[::-1])
+            read = g.reader(src.name)
+            g.set_value(node.output[0], helper.tensor_dtype_to_np_dtype(src.data_type),
+                        tuple(src.dims[p] for p in perm), lambda read=read, perm=perm: np.transpose(read(), perm))
             folded += 1
         else:
             kept.append(node)
-    set_nodes(model, kept)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    unused = [t for t in model.graph.initializer if t.name not in used]
-    for t in unused:
-        model.graph.initializer.remove(t)
+    g.set_nodes(kept)
+    g.drop_unused()
     return folded
 
 
-def gemms_to_matmuls(model: onnx.ModelProto) -> int:
+def gemms_to_matmuls(g: Graph) -> int:
     """Rewrite Gemm layers (alpha = beta = 1) as MatMul + Add, the form weight-only INT8 takes; returns the count."""
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = g.initializers
     out, count = [], 0
-    for n in model.graph.node:
+    for n in g.model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         if (n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0)
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
@@ -79,7 +72,9 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
             continue
         w = inits[n.input[1]]
         if attrs.get("transB", 0):
-            w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).T.copy(), w.name))
+            read = g.reader(w.name)
+            g.set_value(w.name, helper.tensor_dtype_to_np_dtype(w.data_type), tuple(w.dims[::-1]),
+                        lambda read=read: read().T.copy())
         has_bias = len(n.input) > 2 and n.input[2]
         product = n.output[0] + "_product" if has_bias else n.output[0]
         out.append(helper.make_node("MatMul", [n.input[0], n.input[1]], [product], name=n.name))
@@ -87,23 +82,23 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
         if has_bias:
             out.append(helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=n.name + "_bias"))
         count += 1
-    set_nodes(model, out)
+    g.set_nodes(out)
     if count:
-        del model.graph.value_info[:]  # the exporter's shape annotations describe the Gemm form
+        del g.model.graph.value_info[:]  # the exporter's shape annotations describe the Gemm form
     return count
 
 
-def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+def weight_matmuls(g: Graph) -> list[onnx.NodeProto]:
     """MatMul nodes whose second input is a 2-D weight: the linear layers (after :func:`gemms_to_matmuls`)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+    inits = g.initializers
+    return [n for n in g.model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
             and len(inits[n.input[1]].dims) == 2]
 
 
-def head_matmul(model: onnx.ModelProto, output: str = "logits") -> str:
+def head_matmul(g: Graph, output: str = "logits") -> str:
     """Name of the linear layer that makes ``output`` (the vocabulary head), found by walking back from it."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    weights = {n.name for n in weight_matmuls(model)}
+    producer = {o: n for n in g.model.graph.node for o in n.output}
+    weights = {n.name for n in weight_matmuls(g)}
     todo, seen = [output], set()
     while todo:
         node = producer.get(todo.pop(0))
@@ -116,186 +111,188 @@ def head_matmul(model: onnx.ModelProto, output: str = "logits") -> str:
     raise ECMError(f"no linear layer makes {output!r}; is this a step graph of ecm-export?")
 
 
-def quantized_nodes(model: onnx.ModelProto, scope: str) -> list[str]:
+def quantized_nodes(g: Graph, scope: str) -> list[str]:
     """The nodes quantized in ``scope`` (see the module docstring)."""
     check_scope(scope)
-    linear = [n.name for n in weight_matmuls(model)]
+    linear = [n.name for n in weight_matmuls(g)]
     if scope == "all":
-        return linear + [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in linear]
-    heads = {head_matmul(model)} if any(o.name == "logits" for o in model.graph.output) else set()
+        return linear + [n.name for n in g.model.graph.node if n.op_type == "MatMul" and n.name not in linear]
+    heads = {head_matmul(g)} if any(o.name == "logits" for o in g.model.graph.output) else set()
     return [n for n in linear if n not in heads]
-
-
-def store_half(model: onnx.ModelProto, min_elements: int = HALF_MIN_ELEMENTS) -> int:
-    """Store large fp32 weights as fp16 followed by a Cast to fp32; returns how many."""
-    casts, count = [], 0
-    for t in list(model.graph.initializer):
-        if t.data_type != onnx.TensorProto.FLOAT or int(np.prod(t.dims)) < min_elements:
-            continue
-        half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + "_fp16")
-        model.graph.initializer.remove(t)
-        model.graph.initializer.append(half)
-        casts.append(helper.make_node("Cast", [half.name], [t.name], name=t.name + "_widen", to=onnx.TensorProto.FLOAT))
-        count += 1
-    set_nodes(model, casts + list(model.graph.node))  # before every consumer: still topologically sorted
-    return count
-
-
-def channel_absmax(model_path: Path, tensors: list[str],
-                   feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Largest magnitude of every channel (last axis) of ``tensors`` over ``feeds``."""
-    import onnxruntime as ort
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
-    probe = model_path.with_name("probe." + model_path.name)  # beside it: the same external weights
-    onnx.save(model, str(probe))
-    try:
-        sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-    finally:
-        probe.unlink()
-    out: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, value in zip(tensors, sess.run(tensors, feed)):
-            m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            out[name] = np.maximum(out[name], m) if name in out else m
-    return out
-
-
-def smoothable(model: onnx.ModelProto, nodes: list[str]) -> list[onnx.NodeProto]:
-    """The products among ``nodes`` that SmoothQuant can rescale: linear layers, whose weight takes the s."""
-    return [n for n in weight_matmuls(model) if n.name in nodes]
-
-
-def smooth(model: onnx.ModelProto, nodes: list[str], absmax: dict[str, np.ndarray], alpha: float = 0.5) -> int:
-    """SmoothQuant: move activation outliers into the weights, exactly (x / s) (s W) = x W.
-
-    Per activation tensor feeding quantized linear layers, a Mul by 1/s goes before them and
-    every weight row is scaled by s, with s_j = max|x_j|^alpha / max|W_j|^(1 - alpha); per-tensor
-    INT8 ranges of the activation then waste less on a few large channels. Returns the count.
-    """
-    inits = {t.name: t for t in model.graph.initializer}
-    by_input: dict[str, list[onnx.NodeProto]] = {}
-    for n in smoothable(model, nodes):
-        if n.input[0] in absmax:
-            by_input.setdefault(n.input[0], []).append(n)
-    muls = []
-    for x, users in by_input.items():
-        w_max = np.max([np.abs(numpy_helper.to_array(inits[n.input[1]])).max(axis=1) for n in users], axis=0)
-        s = (np.maximum(absmax[x], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(np.float32)
-        s = np.clip(s, 1e-2, 1e2)
-        for n in users:
-            t = inits[n.input[1]]
-            t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) * s[:, None]).astype(np.float32), t.name))
-            n.input[0] = x + "_smooth"
-        inv = numpy_helper.from_array((1 / s).astype(np.float32), x + "_smooth_inv")
-        model.graph.initializer.append(inv)
-        muls.append((x, helper.make_node("Mul", [x, inv.name], [x + "_smooth"], name=x + "_smooth")))
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
-    nodes_out = list(model.graph.node)
-    for x, mul in sorted(muls, key=lambda xm: -producer.get(xm[0], -1)):
-        nodes_out.insert(producer.get(x, -1) + 1, mul)
-    set_nodes(model, nodes_out)
-    return len(muls)
 
 
 @dataclass
 class Prepared:
-    """An fp32 graph ready for both INT8 forms: weights explicit, the matrix products to quantize chosen."""
+    """An fp32 graph ready for every INT8 form: weights explicit, the matrix products to quantize chosen."""
 
-    path: Path
-    nodes: list[str]  # the matrix products to quantize
+    graph: Graph
+    nodes: list[str]
 
-
-def prepare(src: Path, work: Path, scope: str = "linear") -> Prepared:
-    """Fold weight transposes and turn Gemms into MatMuls, into the folder ``work``."""
-    model = load_onnx(src)
-    fold_constant_transposes(model)
-    gemms_to_matmuls(model)
-    path = work / src.name
-    save_onnx(model, path)
-    return Prepared(path, quantized_nodes(model, scope))
+    @property
+    def activations(self) -> list[str]:
+        """The inputs of the chosen products that are not weights: what calibration measures."""
+        inits = self.graph.initializers
+        chosen = set(self.nodes)
+        return sorted({i for n in self.graph.model.graph.node if n.name in chosen for i in n.input if i not in inits})
 
 
-def activation_ranges(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], ranges_path: Path,
-                      work: Path) -> None:
-    """Symmetric min/max of every input and output of the matrix products over ``feeds``, saved to
-    ``ranges_path`` (ONNX Runtime's calibration cache format).
+def prepare(src: Path, scope: str = "linear") -> Prepared:
+    """Fold weight transposes and turn Gemms into MatMuls (structure only: weights are read when written)."""
+    g = Graph.open(src)
+    fold_constant_transposes(g)
+    gemms_to_matmuls(g)
+    return Prepared(g, quantized_nodes(g, scope))
 
-    Ranges are merged after every feed, so memory holds one feed's activations however many
-    there are (ONNX Runtime's own bounded mode drops the outputs it clears instead of merging).
+
+# ------------------------------------------------------------------------------------ shared pieces
+def per_channel(w_KN: np.ndarray, scale_dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 per output channel (column): codes in [-127, 127] and the scales, in ``scale_dtype``."""
+    tiny = np.finfo(scale_dtype).tiny
+    scale_N = np.maximum(np.abs(w_KN).max(axis=0) / INT8_MAX, tiny).astype(scale_dtype)
+    q_KN = np.clip(np.round(w_KN / scale_N.astype(np.float32)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q_KN, scale_N
+
+
+class Parts:
+    """``fn(read())`` computed when its first part is written and dropped once all are: a weight is read once
+    and its quantized form is held only while it is being written."""
+
+    def __init__(self, read: Callable[[], np.ndarray], fn: Callable[[np.ndarray], tuple], count: int = 2):
+        self.read, self.fn, self.count = read, fn, count
+        self.value: tuple | None = None
+        self.taken: set[int] = set()
+
+    def __getitem__(self, i: int) -> Callable[[], np.ndarray]:
+        def get() -> np.ndarray:
+            if self.value is None:
+                self.value, self.taken = self.fn(self.read()), set()
+            part = self.value[i]
+            self.taken.add(i)
+            if len(self.taken) == self.count:
+                self.value = None
+            return part
+
+        return get
+
+
+def dequantized_weight(g: Graph, base: str, dims: tuple[int, int], read: Callable[[], np.ndarray],
+                       scale_dtype: type) -> tuple[str, onnx.NodeProto]:
+    """INT8 codes, scales and zero points of a (K, N) weight that ``read`` gives, as initializers named after
+    ``base``; the DequantizeLinear node that restores it and its output."""
+    K, N = dims
+    parts = Parts(read, lambda arr: per_channel(arr, scale_dtype))
+    g.set_value(base + "_int8", np.int8, (K, N), parts[0])
+    g.set_value(base + "_scale", scale_dtype, (N,), parts[1])
+    g.set_value(base + "_zero", np.int8, (N,), lambda: np.zeros(N, np.int8))
+    node = helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero"], [base + "_dq"],
+                            name=base + "_dequantize", axis=1)
+    return base + "_dq", node
+
+
+def store_half(g: Graph, min_elements: int = HALF_MIN_ELEMENTS) -> int:
+    """Store large fp32 weights as fp16 followed by a Cast to fp32; returns how many."""
+    casts = []
+    for t in list(g.model.graph.initializer):
+        if t.data_type != F32 or int(np.prod(t.dims)) < min_elements:
+            continue
+        read = g.reader(t.name)
+        g.remove(t.name)
+        g.set_value(t.name + "_fp16", np.float16, tuple(t.dims), lambda read=read: read().astype(np.float16))
+        casts.append(helper.make_node("Cast", [t.name + "_fp16"], [t.name], name=t.name + "_widen", to=F32))
+    g.set_nodes(casts + list(g.model.graph.node))  # before every consumer: still topologically sorted
+    return len(casts)
+
+
+# ------------------------------------------------------------------------------------ SmoothQuant
+def smoothing_scales(prep: Prepared, absmax: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
+    """SmoothQuant's per-channel s of each activation feeding quantized linear layers:
+    s_j = max|x_j|^alpha / max|W_j|^(1 - alpha), over every layer the activation feeds (reads their weights)."""
+    g, chosen = prep.graph, set(prep.nodes)
+    users: dict[str, list[str]] = {}
+    for n in weight_matmuls(g):
+        if n.name in chosen and n.input[0] in absmax:
+            users.setdefault(n.input[0], []).append(n.input[1])
+    scales = {}
+    for x, weights in users.items():
+        w_max = np.max([np.abs(g.value(w)).max(axis=1) for w in weights], axis=0)
+        s = np.maximum(absmax[x], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)
+        scales[x] = np.clip(s, 1e-2, 1e2).astype(np.float32)
+    return scales
+
+
+def activation_ranges(absmax: dict[str, np.ndarray], smoothing: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-tensor symmetric range of each activation as quantized: after smoothing divides channel j by s_j."""
+    return {x: float(np.max(m / smoothing[x] if x in smoothing else m)) for x, m in absmax.items()}
+
+
+# ------------------------------------------------------------------------------------ the forms
+def quantize_qdq(prep: Prepared, dst: Path, absmax: dict[str, np.ndarray], alpha: float) -> None:
+    """Static symmetric INT8 Q/DQ (W8A8) of a prepared graph into ``dst``.
+
+    ``absmax``: every activation's largest magnitude per channel (last axis) over the calibration
+    data. With ``alpha`` > 0, SmoothQuant first moves activation outliers into the weights, exactly:
+    (x / s) (s W) = x W; then each activation gets one Q/DQ pair with its per-tensor range and each
+    weight INT8 codes per output channel, all zero points 0.
     """
-    from onnxruntime.quantization.calibrate import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        create_calibrator,
-        save_tensors_data,
-    )
-
-    class SingleFeed(CalibrationDataReader):
-        def __init__(self, feed: dict[str, np.ndarray]):
-            self.feed: dict[str, np.ndarray] | None = feed
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            feed, self.feed = self.feed, None
-            return feed
-
-    calibrator = create_calibrator(model_path, ["MatMul"], augmented_model_path=str(work / "augmented.onnx"),
-                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                                   extra_options={"symmetric": True})
-    count = 0
-    for feed in feeds:
-        calibrator.collect_data(SingleFeed(feed))
-        count += 1
-    if count == 0:
-        raise ECMError("no calibration data: the calibration set is empty")
-    save_tensors_data(calibrator.compute_data(), ranges_path)
-
-
-def quantize_qdq(prep: Prepared, dst: Path, feeds: Feeds, alpha: float = SMOOTH_ALPHA) -> None:
-    """Static symmetric INT8 Q/DQ of a prepared graph into ``dst``: smoothed (``alpha`` > 0), then
-    activation ranges from ``feeds()`` (called once more for the channel maxima when smoothing)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    with tempfile.TemporaryDirectory(prefix="ecm-quant-") as tmp, quiet():
-        path = Path(tmp) / prep.path.name
-        model = load_onnx(prep.path)
-        if alpha > 0:
-            inputs = sorted({n.input[0] for n in smoothable(model, prep.nodes)})
-            smooth(model, prep.nodes, channel_absmax(prep.path, inputs, feeds()), alpha)
-        save_onnx(model, path)
-        ranges = Path(tmp) / "ranges.json"
-        activation_ranges(path, feeds(), ranges, Path(tmp))
-        # ONNX Runtime saves its result through onnx with a data location that onnx checks against the current
-        # directory: a name found nowhere else keeps that check from tripping over an export there
-        qdq = Path(tmp) / f"qdq-{uuid.uuid4().hex}.onnx"
-        quantize_static(str(path), str(qdq), None, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=prep.nodes,
-                        op_types_to_quantize=["MatMul"], use_external_data_format=True,
-                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "QuantizeBias": False,  # TensorRT dequantizes INT8 only, not INT32 biases
-                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
-        model = load_onnx(qdq)
-    store_half(model)
-    save_onnx(model, dst)
+    g = prep.graph.copy()
+    smoothing = smoothing_scales(prep, absmax, alpha) if alpha > 0 else {}
+    ranges = activation_ranges(absmax, smoothing)
+    missing = sorted(set(prep.activations) - set(ranges))
+    if missing:
+        raise ECMError(f"no calibration range for {', '.join(missing[:3])}; record the calibration data again")
+    inits, chosen = g.initializers, set(prep.nodes)
+    readers = {w: g.reader(w) for w in inits}
+    pairs: dict[str, list[onnx.NodeProto]] = {}  # activation -> the nodes that make its Q/DQ pair
+    weights: dict[tuple[str, str | None], str] = {}  # (weight, the activation whose s it takes) -> its DQ output
+    nodes = []
+    for n in g.model.graph.node:
+        if n.name not in chosen:
+            nodes.append(n)
+            continue
+        ins = []
+        for i in n.input:
+            if i in inits:  # a weight; smoothed, its rows take the s its layer's input is divided by
+                x = n.input[0] if n.input[0] in smoothing else None
+                if (i, x) not in weights:
+                    read = readers[i] if x is None else (lambda r=readers[i], s=smoothing[x]: r() * s[:, None])
+                    base = i if x is None else f"{i}_smoothed_{len(weights)}"  # a shared weight: one per input
+                    weights[i, x], dq = dequantized_weight(g, base, tuple(inits[i].dims), read, np.float32)
+                    nodes.append(dq)
+                ins.append(weights[i, x])
+                continue
+            if i not in pairs:
+                pairs[i] = _qdq_pair(g, i, ranges[i], smoothing.get(i))
+                nodes += pairs[i]
+            ins.append(pairs[i][-1].output[0])
+        nodes.append(_renamed(n, ins))
+    g.set_nodes(nodes)
+    g.drop_unused()
+    store_half(g)
+    g.save(dst)
 
 
-def quantize_cpu(prep: Prepared, dst: Path) -> None:
-    """The CPU form of a prepared graph into ``dst``: ``MatMulNBits`` with 8-bit symmetric weights per
-    block of ``CPU_BLOCK`` inputs, activations quantized per block on the fly (``CPU_ACCURACY``)."""
-    model = load_onnx(prep.path)
-    keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in prep.nodes]
-    with quiet():  # nodes_to_include would only add to every MatMul: name what stays instead
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def _qdq_pair(g: Graph, x: str, absmax: float, smooth_s: np.ndarray | None) -> list[onnx.NodeProto]:
+    """(an optional smoothing Mul,) QuantizeLinear and DequantizeLinear of activation ``x``, per tensor."""
+    nodes, src = [], x
+    if smooth_s is not None:
+        inv = 1 / smooth_s
+        g.set_value(x + "_smooth_inv", np.float32, inv.shape, lambda inv=inv: inv)
+        nodes.append(helper.make_node("Mul", [x, x + "_smooth_inv"], [x + "_smooth"], name=x + "_smooth"))
+        src = x + "_smooth"
+    scale = np.array(max(absmax, 1e-8) / INT8_MAX, np.float32)
+    g.set_value(x + "_scale", np.float32, (), lambda: scale)
+    g.set_value(x + "_zero", np.int8, (), lambda: np.array(0, np.int8))
+    nodes.append(helper.make_node("QuantizeLinear", [src, x + "_scale", x + "_zero"], [x + "_q"], name=x + "_quantize"))
+    nodes.append(helper.make_node("DequantizeLinear", [x + "_q", x + "_scale", x + "_zero"], [x + "_dq"],
+                                  name=x + "_dequantize"))
+    return nodes
 
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=CPU_BLOCK, is_symmetric=True,
-                                         accuracy_level=CPU_ACCURACY, nodes_to_exclude=keep)
-        quantizer.process()
-        model = quantizer.model.model
-    store_half(model)
-    save_onnx(model, dst)
+
+def _renamed(n: onnx.NodeProto, inputs: list[str]) -> onnx.NodeProto:
+    out = helper.make_node(n.op_type, inputs, list(n.output), name=n.name)
+    out.attribute.extend(n.attribute)
+    out.metadata_props.extend(n.metadata_props)
+    return out
 
 
 def quantize_weights(prep: Prepared, dst: Path) -> None:
@@ -304,54 +301,77 @@ def quantize_weights(prep: Prepared, dst: Path) -> None:
     Each quantized linear layer becomes Cast(x, fp16) -> MatMul(x, DequantizeLinear(W_int8, fp16
     scale per output channel)) -> Cast(fp32): the fp16 export's layer, with INT8 weights.
     """
-    model = load_onnx(prep.path)
-    inits = {t.name: t for t in model.graph.initializer}
-    chosen = {n.name for n in weight_matmuls(model)} & set(prep.nodes)
-    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    g = prep.graph.copy()
+    chosen = {n.name for n in weight_matmuls(g)} & set(prep.nodes)
     dequantized: dict[str, str] = {}  # weight -> its fp16 DequantizeLinear output
     halves: dict[str, str] = {}  # activation -> its fp16 Cast
     weights, nodes = [], []
-    for n in model.graph.node:
+    for n in g.model.graph.node:
+        if n.name not in chosen:
+            nodes.append(n)
+            continue
+        w, x, out = n.input[1], n.input[0], n.output[0]
+        if w not in dequantized:
+            dims = tuple(g.initializers[w].dims)
+            dequantized[w], dq = dequantized_weight(g, w, dims, g.reader(w), np.float16)
+            weights.append(dq)
+        if x not in halves:
+            halves[x] = x + "_fp16"
+            nodes.append(helper.make_node("Cast", [x], [halves[x]], name=x + "_to_fp16", to=F16))
+        nodes.append(helper.make_node("MatMul", [halves[x], dequantized[w]], [out + "_fp16"], name=n.name))
+        nodes[-1].metadata_props.extend(n.metadata_props)
+        nodes.append(helper.make_node("Cast", [out + "_fp16"], [out], name=out + "_to_fp32", to=F32))
+    g.set_nodes(weights + nodes)  # weights first: still topologically sorted
+    g.drop_unused()
+    store_half(g)
+    g.save(dst)
+
+
+def pack_nbits(w_KN: np.ndarray, block: int = CPU_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``MatMulNBits`` 8-bit symmetric codes (N, blocks, block) as uint8 and scales (N, blocks) of a (K, N) weight.
+
+    Per block of ``block`` inputs of one output, the value of largest magnitude maps to -128:
+    scale = that value / -128, code = round(w / scale) + 128 (the op's default zero point); the
+    padding past K holds code 0. ONNX Runtime's own 8-bit quantizer writes the same bytes.
+    """
+    K, N = w_KN.shape
+    nb = -(-K // block)
+    padded = np.zeros((nb * block, N), np.float32)
+    padded[:K] = w_KN
+    blocks = padded.reshape(nb, block, N)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]  # (nb, N)
+    scale = (extreme / -128.0).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    codes = (np.clip(np.round(blocks / safe[:, None, :]), -128, 127) + 128).astype(np.uint8)  # (nb, block, N)
+    codes = codes.transpose(2, 0, 1).reshape(N, nb * block)
+    codes[:, K:] = 0
+    return codes.reshape(N, nb, block), np.ascontiguousarray(scale.T)
+
+
+def quantize_cpu(prep: Prepared, dst: Path) -> None:
+    """The CPU form of a prepared graph into ``dst``: ``MatMulNBits`` over every quantized linear layer."""
+    g = prep.graph.copy()
+    chosen = {n.name for n in weight_matmuls(g)} & set(prep.nodes)
+    inits, nodes = g.initializers, []
+    for n in g.model.graph.node:
         if n.name not in chosen:
             nodes.append(n)
             continue
         w = n.input[1]
-        if w not in dequantized:
-            w_KN = numpy_helper.to_array(inits[w])
-            scale_N = np.maximum(np.abs(w_KN).max(axis=0) / 127, np.finfo(np.float16).tiny).astype(np.float16)
-            q_KN = np.clip(np.round(w_KN / scale_N.astype(np.float32)), -127, 127).astype(np.int8)
-            model.graph.initializer.remove(inits[w])
-            model.graph.initializer.extend([numpy_helper.from_array(q_KN, w + "_int8"),
-                                            numpy_helper.from_array(scale_N, w + "_scale"),
-                                            numpy_helper.from_array(np.zeros_like(q_KN[0]), w + "_zero")])
-            dequantized[w] = w + "_fp16"
-            weights.append(helper.make_node("DequantizeLinear", [w + "_int8", w + "_scale", w + "_zero"],
-                                            [dequantized[w]], name=w + "_dequantize", axis=1))
-        x = n.input[0]
-        if x not in halves:
-            halves[x] = x + "_fp16"
-            nodes.append(helper.make_node("Cast", [x], [halves[x]], name=x + "_to_fp16", to=f16))
-        out = n.output[0]
-        nodes.append(helper.make_node("MatMul", [halves[x], dequantized[w]], [out + "_fp16"], name=n.name))
+        K, N = inits[w].dims
+        nb = -(-K // CPU_BLOCK)
+        if w + "_q8" not in inits:  # a weight the graph shares is packed once
+            parts = Parts(g.reader(w), pack_nbits)
+            g.set_value(w + "_q8", np.uint8, (N, nb, CPU_BLOCK), parts[0])
+            g.set_value(w + "_scales", np.float32, (N, nb), parts[1])
+            inits = g.initializers
+        nodes.append(helper.make_node("MatMulNBits", [n.input[0], w + "_q8", w + "_scales"], list(n.output),
+                                      name=n.name, domain="com.microsoft", K=K, N=N, bits=8, block_size=CPU_BLOCK,
+                                      accuracy_level=CPU_ACCURACY))
         nodes[-1].metadata_props.extend(n.metadata_props)
-        nodes.append(helper.make_node("Cast", [out + "_fp16"], [out], name=out + "_to_fp32", to=f32))
-    set_nodes(model, weights + nodes)  # weights first: still topologically sorted
-    store_half(model)
-    save_onnx(model, dst)
-
-
-def teacher_agreement(reference: Path, quantized: Path, feeds: Iterable[dict[str, np.ndarray]],
-                      patch_nums: tuple[int, ...]) -> list[float]:
-    """Per scale, how often the ``quantized`` step graph's guided top-1 token is the fp32
-    ``reference`` graph's, both fed the same inputs (``feeds``: every scale of recorded generations)."""
-    import onnxruntime as ort
-    from ecm.export.verify import guided_argmax
-
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (reference, quantized)]
-    same, total = np.zeros(len(patch_nums)), np.zeros(len(patch_nums))
-    for feed in feeds:
-        si = patch_nums.index(feed["x_in"].shape[-1])
-        want, got = (guided_argmax(s.run(["logits"], feed)[0], float(feed["cfg"][0])) for s in sessions)
-        same[si] += np.sum(want == got)
-        total[si] += want.size
-    return (same / np.maximum(total, 1)).tolist()
+    g.set_nodes(nodes)
+    if not any(o.domain == "com.microsoft" for o in g.model.opset_import):
+        g.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    g.drop_unused()
+    store_half(g)
+    g.save(dst)

@@ -20,16 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from ecm.calibration.options import DEFAULT_BATCH, DEFAULT_SAMPLES
-from ecm.export.verify import conditions
+from ecm.export.verify import conditions, guided_argmax
 from ecm.runtime.errors import ConfigError, ECMError
 from ecm.runtime.files import write_json
 from ecm.runtime.images import IMAGE_SUFFIXES, prepare_condition, read_image
 from ecm.runtime.loop import Sampling, ScaleLoop, Trajectory
 from ecm.runtime.manifest import Manifest
-from ecm.runtime.ort_backend import OrtBackend
-from ecm.runtime.sampling import draw_uniforms
+from ecm.runtime.ort_backend import OrtBackend, Taps
+from ecm.runtime.sampling import cfg_weight, draw_uniforms
+from onnx import helper
 
 from ecm.model.adapters import ECM
 from ecm.model.checkpoint import tensor_hash
@@ -230,31 +232,76 @@ def calibration_set(var: VAR, ecm: ECM | None, m: Manifest, source: Path | None,
     return record(var, ecm, m, labels, cond, folder, meta, bar)
 
 
-def control_feeds(cset: CalibrationSet) -> Iterator[dict[str, np.ndarray]]:
-    """The control encoder's input of every recorded batch."""
-    for arrays in cset.batches():
-        yield {"cond": arrays["cond"]}
-
-
-def step_feeds(cset: CalibrationSet, fp32_folder: Path, m: Manifest) -> Iterator[dict[str, np.ndarray]]:
-    """The step graph's inputs at every scale of every recorded batch.
-
-    The fp32 graphs are teacher-forced along each recorded trajectory, which fills the loop's KV
-    caches exactly as that generation filled them; each scale's feeds are then copied out.
-    """
+def teacher_forced(cset: CalibrationSet, backend: OrtBackend, m: Manifest) -> Iterator[Trajectory]:
+    """Every recorded batch run again through ``backend``'s graphs with the recorded inputs at every scale
+    (teacher forcing): the KV caches fill as that generation filled them; logits recorded, nothing decoded."""
     sampling = Sampling(**cset.meta.sampling)
     loops: dict[int, ScaleLoop] = {}
     K = m.num_scales
-    with OrtBackend(fp32_folder, m) as backend:
-        for arrays in cset.batches():
-            labels, cond = arrays["labels"], arrays.get("cond")
-            B = len(labels)
-            loop = loops.setdefault(B, ScaleLoop(m, backend, B))
-            teacher = Trajectory(x_in=[arrays[f"x{si}"] for si in range(K)],
-                                 f_hat_in=[arrays[f"f{si}"] for si in range(K)])
-            uniforms = [arrays[f"u{si}"] for si in range(K)]
-            loop.run(labels, cond, sampling, uniforms=uniforms, teacher=teacher, decode=False)
-            for si, pn in enumerate(m.patch_nums):
-                feeds = loop.step_feeds(si, labels, teacher.x_in[si], teacher.f_hat_in[si],
-                                        uniforms[si].reshape(B, pn, pn), sampling)
-                yield {k: np.array(v) for k, v in feeds.items()}
+    for arrays in cset.batches():
+        labels, cond = arrays["labels"], arrays.get("cond")
+        loop = loops.setdefault(len(labels), ScaleLoop(m, backend, len(labels)))
+        teacher = Trajectory(x_in=[arrays[f"x{si}"] for si in range(K)], f_hat_in=[arrays[f"f{si}"] for si in range(K)])
+        yield loop.run(labels, cond, sampling, uniforms=[arrays[f"u{si}"] for si in range(K)], teacher=teacher,
+                       record=True, decode=False)
+
+
+def guided_top1(cset: CalibrationSet, traj: Trajectory, m: Manifest) -> list[np.ndarray]:
+    """The top-1 token of the guided logits at every scale of a teacher-forced batch."""
+    cfg = Sampling(**cset.meta.sampling).cfg
+    return [guided_argmax(traj.logits[si], cfg_weight(cfg, si, m.num_scales)) for si in range(m.num_scales)]
+
+
+@dataclass
+class Calibration:
+    """What one teacher-forced pass of the fp32 graphs over a calibration set measures."""
+
+    absmax: dict[str, dict[str, np.ndarray]]  # graph role -> activation -> its largest magnitude per channel
+    top1: list[list[np.ndarray]]  # per recorded batch, per scale: the fp32 step graph's guided top-1 tokens
+
+
+def tapped(folder: Path, graph: str, names: list[str]) -> Path:
+    """The graph file ``graph`` with the tensors ``names`` added as outputs, written beside it (same weights)."""
+    model = onnx.load(str(folder / graph), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names if t not in known)
+    path = folder / f"tapped.{graph}"
+    onnx.save(model, str(path))
+    return path
+
+
+def calibrate(cset: CalibrationSet, fp32_folder: Path, m: Manifest, activations: dict[str, list[str]]) -> Calibration:
+    """Teacher-force the fp32 graphs in ``fp32_folder`` along every recorded trajectory, in one pass and one
+    ONNX Runtime session per graph: the largest magnitude of every channel of the ``activations`` of each
+    graph role, and the step graph's guided top-1 tokens (what the INT8 graphs are held to)."""
+    absmax: dict[str, dict[str, np.ndarray]] = {role: {} for role in activations}
+
+    def seen_in(role: str) -> Callable[[str, np.ndarray], None]:
+        def seen(name: str, value: np.ndarray) -> None:
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            absmax[role][name] = np.maximum(absmax[role][name], peak) if name in absmax[role] else peak
+
+        return seen
+
+    taps = [Taps(role, tapped(fp32_folder, m.graphs[role], names), names, seen_in(role))
+            for role, names in activations.items() if names]
+    try:
+        with OrtBackend(fp32_folder, m, taps=taps) as backend:
+            top1 = [guided_top1(cset, traj, m) for traj in teacher_forced(cset, backend, m)]
+    finally:
+        for t in taps:
+            t.graph.unlink(missing_ok=True)
+    return Calibration(absmax, top1)
+
+
+def teacher_agreement(cset: CalibrationSet, fp32_folder: Path, m: Manifest, step: Path,
+                      reference: list[list[np.ndarray]]) -> list[float]:
+    """Per scale, how often the step graph ``step`` (run with the rest of the fp32 export, its own KV caches
+    filled by teacher forcing) picks the guided top-1 token the fp32 graphs picked (``reference``)."""
+    same, total = np.zeros(m.num_scales), np.zeros(m.num_scales)
+    with OrtBackend(fp32_folder, m, files={"step": step}) as backend:
+        for want, traj in zip(reference, teacher_forced(cset, backend, m)):
+            for si, got in enumerate(guided_top1(cset, traj, m)):
+                same[si] += np.sum(got == want[si])
+                total[si] += got.size
+    return (same / np.maximum(total, 1)).tolist()

@@ -72,7 +72,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, values: dict[str, Value]
             offset = 0
             for t in model.graph.initializer:
                 if t.name in values:
-                    arr = np.ascontiguousarray(values[t.name]())
+                    arr = np.asarray(values[t.name]())  # tobytes() writes C order whatever the layout
                     want = helper.tensor_dtype_to_np_dtype(t.data_type)
                     if arr.dtype != want or list(arr.shape) != list(t.dims):
                         raise ValueError(f"initializer {t.name} got {arr.dtype} {arr.shape}, its graph says "
@@ -121,26 +121,34 @@ class Graph:
 
     def value(self, name: str) -> np.ndarray:
         """The data of initializer ``name``: its new value, or what the file holds."""
+        return self.reader(name)()
+
+    def reader(self, name: str) -> Value:
+        """A function that reads initializer ``name``'s data as it is now, whatever later rewrites do to it."""
         if name in self._values:
-            return self._values[name]()
+            return self._values[name]
         t = self.initializers[name]
         ext = _external(t)
         if not ext:
-            return numpy_helper.to_array(t)
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        offset, length = int(ext.get("offset", 0)), int(ext["length"])
-        with open(self.folder / ext["location"], "rb") as f:
-            f.seek(offset)
-            buf = f.read(length)
-        if len(buf) != length:
-            raise ECMError(f"{self.folder / ext['location']} is truncated; re-export the graph")
-        return np.frombuffer(buf, dtype=dtype).reshape(list(t.dims)).copy()
+            arr = numpy_helper.to_array(t)
+            return lambda: arr
+        dtype, dims = helper.tensor_dtype_to_np_dtype(t.data_type), list(t.dims)
+        path, offset, length = self.folder / ext["location"], int(ext.get("offset", 0)), int(ext["length"])
+
+        def read() -> np.ndarray:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                buf = bytearray(length)
+                if f.readinto(buf) != length:
+                    raise ECMError(f"{path} is truncated; re-export the graph")
+            return np.frombuffer(buf, dtype=dtype).reshape(dims)
+
+        return read
 
     def set_value(self, name: str, dtype: type | np.dtype, dims: tuple[int, ...], value: Value) -> None:
         """Make ``name`` an initializer of ``dtype`` and ``dims`` whose data ``value()`` gives when saved."""
         self.remove(name)
-        t = helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), list(dims), [])
-        t.data_location = onnx.TensorProto.EXTERNAL  # placeholder until saved
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(dims))
         self.model.graph.initializer.append(t)
         self._values[name] = value
 

@@ -8,6 +8,8 @@ the GPU between scales.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,30 @@ from .memory import return_freed_memory
 _ORT_TYPES = {"float32": "float", "float16": "float16", "int64": "int64", "uint8": "uint8"}
 
 
+@dataclass
+class Taps:
+    """Tensors inside one graph to read after each of its runs (calibration statistics): ``graph`` is that role's
+    graph with them added as outputs (beside the original, sharing its weights file); ``seen(name, value)``
+    takes each one's value after every run."""
+
+    role: str
+    graph: Path
+    names: list[str]
+    seen: Callable[[str, np.ndarray], None]
+
+
 class OrtBackend(Closing):
-    """Runs the ONNX graphs listed in a manifest with ONNX Runtime."""
+    """Runs the ONNX graphs listed in a manifest with ONNX Runtime.
+
+    ``files`` runs other files for some roles (a quantized step graph checked against the rest of an
+    fp32 export); ``taps`` reads tensors inside graphs after each run.
+    """
 
     name = "ONNX Runtime"
 
     def __init__(self, folder: str | Path, manifest: Manifest | None = None, device: str = "cpu", threads: int = 0,
                  config: dict[str, str] | None = None, arena: bool = False, level: str = "ORT_ENABLE_ALL",
-                 cpu_forms: bool = True):
+                 cpu_forms: bool = True, files: dict[str, Path] | None = None, taps: list[Taps] = ()):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -58,9 +76,12 @@ class OrtBackend(Closing):
         for key, value in (config or {}).items():
             opts.add_session_config_entry(key, value)
         self.sessions = {}
-        # an INT8 export's CPU forms run faster here than its Q/DQ graphs; cpu_forms=False checks the latter
-        for role, name in self.manifest.runtime_graphs(cpu=device == "cpu" and cpu_forms).items():
-            path = self.folder / name
+        self.taps = {t.role: t for t in taps}
+        paths = {role: self.folder / name  # an INT8 export's CPU forms run faster here than its Q/DQ graphs
+                 for role, name in self.manifest.runtime_graphs(cpu=device == "cpu" and cpu_forms).items()}
+        paths.update(files or {})
+        paths.update({t.role: t.graph for t in taps})
+        for role, path in paths.items():
             if not path.is_file():
                 raise ECMError(f"{path} is missing; re-export with ecm-export")
             try:
@@ -77,7 +98,8 @@ class OrtBackend(Closing):
         """Refuse a graph whose tensors are not those the manifest describes (a file of another export)."""
         sess = self.sessions[role]
         want = self.manifest.io(role).tensors
-        got = {a.name: a for a in (*sess.get_inputs(), *sess.get_outputs())}
+        tapped = set(self.taps[role].names) if role in self.taps else set()
+        got = {a.name: a for a in (*sess.get_inputs(), *sess.get_outputs()) if a.name not in tapped}
         problems = [f"it has no tensor {name!r}" for name in want if name not in got]
         problems += [f"it has an unknown tensor {name!r}" for name in got if name not in want]
         for name, (shape, dtype, _) in want.items():
@@ -120,7 +142,11 @@ class OrtBackend(Closing):
                 io.bind_cpu_input(name, alive[-1])
             else:
                 io.bind_input(name, "cuda", 0, buf.dtype, list(buf.shape), buf.ptr)
+        taps = self.taps.get(role)
         for o in sess.get_outputs():
+            if taps is not None and o.name in taps.names:
+                io.bind_output(o.name, "cpu")  # ONNX Runtime allocates it
+                continue
             buf = out[o.name]
             if isinstance(buf, np.ndarray):
                 if not buf.flags.c_contiguous:
@@ -134,3 +160,8 @@ class OrtBackend(Closing):
             sess.run_with_iobinding(io)
         except Exception as e:  # ORT's own error types: out of memory, a shape the graph refuses, ...
             raise ECMError(f"ONNX Runtime failed to run the {role} graph ({first_line(e)})") from None
+        if taps is not None:
+            names = [o.name for o in sess.get_outputs()]
+            for name, value in zip(names, io.get_outputs()):
+                if name in taps.names:
+                    taps.seen(name, value.numpy())
