@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 EXTRAS ?= train,export,cpu,dev
 
-.PHONY: setup demo test test-all lint clean default-model bench bench-early-centric bench-runtime bench-int8
+.PHONY: setup demo test test-all lint clean default-model bench bench-d16 bench-memory bench-early-centric \
+        bench-runtime bench-int8
 
 setup: $(VENV)/.installed
 
@@ -42,6 +43,15 @@ default-model: setup
 # Every speed and size figure side by side (about ten minutes on two CPU cores): ecm-bench.png, ecm-bench.json.
 bench: setup
 	$(BIN)/ecm-bench --json ecm-bench.json
+
+# The official d16 size (random weights, written as checkpoints, exported by ecm-export with its defaults):
+# about 40 minutes here; ecm-bench-d16.png, ecm-bench-d16.json.
+bench-d16: setup
+	$(BIN)/ecm-bench --models d16 --repeats 3 --json ecm-bench-d16.json --png ecm-bench-d16.png
+
+# Device memory of d16..d30 + ECM at fp16 and INT8, and the Jetson modules they fit (the README's table).
+bench-memory: setup
+	$(BIN)/python benchmarks/memory_plan.py
 
 bench-early-centric: setup
 	$(BIN)/python benchmarks/early_centric.py

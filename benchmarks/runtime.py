@@ -63,7 +63,7 @@ def main(repeats: int, json_path: Path | None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(measure("embedded default", *load_model("default"), Path(tmp), repeats))
-        rows.append(measure("d16-proportioned", *load_model("d16"), Path(tmp), repeats))
+        rows.append(measure("d16-proportioned", *load_model("d16-4"), Path(tmp), repeats))
     click.echo("")
     click.echo(f"{'model':18}{'eager s/img':>12}{'runtime s/img':>15}{'runtime/eager':>15}{'ECM overhead':>14}"
                f"{'peak MB':>9}{'weights+KV MB':>15}{'peak ratio':>12}{'RSS growth img 5->20':>22}")

@@ -11,16 +11,32 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ecm.calibration.decoder import MIN_PSNR, DecoderChoice, decoder_psnr, half_decoder, quantize_decoder
 from ecm.calibration.options import CalibOptions, check_activations, check_scope
-from ecm.calibration.quantize import prepare, quantize_cpu, quantize_qdq, quantize_weights
-from ecm.calibration.record import CalibrationSet, calibrate, calibration_set, check_source, teacher_agreement
+from ecm.calibration.quantize import (
+    Prepared,
+    prepare,
+    quantize_cpu,
+    quantize_dynamic,
+    quantize_qdq,
+    quantize_weights,
+    smoothing_scales,
+)
+from ecm.calibration.record import (
+    Calibration,
+    CalibrationSet,
+    calibrate,
+    calibration_set,
+    check_source,
+    teacher_agreement,
+)
 from ecm.calibration.report import int8_report
 from ecm.export.pipeline import ExportOptions, ExportResult, ModelSource, Progress, export_model
-from ecm.export.verify import Reference, eager_reference
+from ecm.export.verify import Reference, VerifyReport, eager_reference
 from ecm.runtime.errors import ConfigError
 from ecm.runtime.files import cache_dir
 from ecm.runtime.manifest import CPU_FORM, Manifest, graph_file
@@ -29,18 +45,33 @@ from ecm.model.adapters import ECM
 from ecm.model.var import VAR
 
 WEIGHT_ONLY_OPSET = 19  # DequantizeLinear with fp16 scales
-QUANTIZED_ROLES = ("step", "control")  # the decoder stays fp32: convolutions over few pixels, cheap
+QUANTIZED_ROLES = ("step", "control")  # the linear layers; the decoder has forms of its own (calibration.decoder)
+DECODER_CHECK = 4  # calibration latents that check the decoder's PSNR; the others set its ranges
 
 
-def choose_activations(agreement: list[float], minimum: float, progress: Progress) -> str:
-    """INT8 activations if every scale keeps ``minimum`` teacher-forced agreement, else fp16 (weight-only)."""
+@dataclass(frozen=True)
+class Choice:
+    """A faster form tried first and the safer one it falls back to: names and what they are called in the output."""
+
+    form: str
+    faster: tuple[str, str]  # (value, words)
+    safer: tuple[str, str]
+
+
+W8A8 = Choice("W8A8", ("int8", "INT8 activations"), ("fp16", "weight-only INT8 (W8A16) instead"))
+DYNAMIC = Choice("the dynamic CPU form", ("dynamic", "kept"), ("blockwise", "the blockwise CPU form instead"))
+
+
+def choose(agreement: list[float], minimum: float, choice: Choice, progress: Progress) -> str:
+    """The faster form if every scale keeps ``minimum`` teacher-forced agreement on the calibration set, else
+    the safer one."""
     per = " ".join(f"{100 * a:.1f}" for a in agreement)
     if min(agreement) >= minimum:
-        progress(f"W8A8 keeps [{per}] % top-1 agreement on the calibration set: INT8 activations")
-        return "int8"
-    progress(f"W8A8 keeps only [{per}] % top-1 agreement on the calibration set (< {100 * minimum:.0f}% at some "
-             "scale): weight-only INT8 (W8A16) instead")
-    return "fp16"
+        progress(f"{choice.form} keeps [{per}] % top-1 agreement on the calibration set: {choice.faster[1]}")
+        return choice.faster[0]
+    progress(f"{choice.form} keeps only [{per}] % top-1 agreement on the calibration set (< {100 * minimum:.0f}% "
+             f"at some scale): {choice.safer[1]}")
+    return choice.safer[0]
 
 
 class Int8Quantizer:
@@ -61,7 +92,7 @@ class Int8Quantizer:
         progress(f"generating {calib.report_images} eager reference images for the INT8 report ...")
         self.reference = eager_reference(var, ecm, m, calib.report_images)
 
-    def apply(self, tmp: Path, m: Manifest, progress: Progress) -> None:
+    def apply(self, tmp: Path, m: Manifest, progress: Progress) -> VerifyReport:
         calib, cset = self.calib, self.cset
         fp32 = tmp / "fp32"  # the graphs as exported, for teacher forcing; gone before the export is committed
         fp32.mkdir()
@@ -73,7 +104,7 @@ class Int8Quantizer:
             reference = Manifest.load(fp32)  # m itself gains the CPU forms below
             roles = [role for role in QUANTIZED_ROLES if role in m.graphs]
             prepared = {role: prepare(fp32 / m.graphs[role], calib.scope) for role in roles}
-            activations = calib.activations
+            activations, found = calib.activations, None
             if activations != "fp16":
                 progress(f"calibrating: the fp32 graphs teacher-forced along {cset.meta.samples} recorded "
                          "generations ...")
@@ -83,27 +114,61 @@ class Int8Quantizer:
                     quantize_qdq(prepared[role], tmp / m.graphs[role], found.absmax[role], calib.smooth)
                 if activations == "auto":  # the step graph's agreement decides the encoder's form too
                     agreement = teacher_agreement(cset, fp32, reference, tmp / m.graphs["step"], found.top1)
-                    activations = choose_activations(agreement, calib.min_agreement, progress)
-            for role in roles:
-                if activations == "fp16":
+                    activations = choose(agreement, calib.min_agreement, W8A8, progress)
+            if activations == "fp16":
+                for role in roles:
                     progress(f"quantizing {m.graphs[role]} (W8A16, weight-only) ...")
                     quantize_weights(prepared[role], tmp / m.graphs[role])
-                progress(f"writing the CPU form of {m.graphs[role]} ...")
-                quantize_cpu(prepared[role], tmp / graph_file(role + CPU_FORM))
-                m.graphs[role + CPU_FORM] = graph_file(role + CPU_FORM)
-            for name in m.graphs.values():
-                if not (tmp / name).exists():  # the decoder stays fp32
-                    for path in fp32.glob(name + "*"):
-                        os.replace(path, tmp / path.name)
+            cpu = self.cpu_forms(prepared, found, fp32, reference, tmp, m, progress)
+            decoder, held_out_psnr = self.decoder_forms(fp32, tmp, m, found, progress)
         finally:
             shutil.rmtree(fp32, ignore_errors=True)
-        m.quantization = {"scope": calib.scope, "activations": activations}
+        m.quantization = {"scope": calib.scope, "activations": activations, "cpu": cpu,
+                          "decoder_cpu": "int8" if decoder else "fp32"}
         m.save(tmp)
         progress(f"measuring INT8 against fp32 on {calib.report_images} held-out images ...")
-        report, picture = int8_report(tmp, self.reference)
+        report, picture, checked = int8_report(tmp, self.reference, decoder, held_out_psnr)
         progress(report.summary())
         if picture is not None:
             progress(f"fp32 | INT8 samples side by side: {picture.name} in the export folder")
+        return checked
+
+    def decoder_forms(self, fp32: Path, tmp: Path, m: Manifest, found: Calibration | None,
+                      progress: Progress) -> tuple[DecoderChoice | None, float | None]:
+        """Write the decoder's fp16 form (TensorRT) and, given calibration latents, its INT8 CPU form; returns
+        what the CPU form quantized (None: it stays fp32) and its PSNR on the report's held-out latents."""
+        progress("writing the decoder's fp16 form (for TensorRT) ...")
+        src = fp32 / m.graphs["decoder"]
+        half_decoder(src, tmp / m.graphs["decoder"])
+        if found is None:
+            return None, None
+        progress(f"writing the decoder's INT8 CPU form (as many convolutions as keep {MIN_PSNR:.0f} dB) ...")
+        calib, check = found.latents[:-DECODER_CHECK] or found.latents, found.latents[-DECODER_CHECK:]
+        choice = quantize_decoder(src, tmp / graph_file("decoder_cpu"), calib, check)
+        if not choice.quantized:
+            return None, None
+        m.graphs["decoder_cpu"] = graph_file("decoder_cpu")
+        held_out = [f for g in self.reference.chunks for f in g.f_hat.numpy()]
+        return choice, decoder_psnr(src, tmp / m.graphs["decoder_cpu"], held_out)
+
+    def cpu_forms(self, prepared: dict[str, Prepared], found: Calibration | None, fp32: Path, reference: Manifest,
+                  tmp: Path, m: Manifest, progress: Progress) -> str:
+        """Write the CPU forms of the quantized graphs; returns their kind. The dynamic kind (smoothed by the
+        calibration data) where it keeps the minimum agreement on the calibration set, else the blockwise one."""
+        kind = "blockwise"
+        if found is not None:
+            for role, prep in prepared.items():
+                progress(f"writing the dynamic CPU form of {m.graphs[role]} ...")
+                smoothing = smoothing_scales(prep, found.absmax[role], self.calib.smooth) if self.calib.smooth else {}
+                quantize_dynamic(prep, tmp / graph_file(role + CPU_FORM), smoothing)
+            agreement = teacher_agreement(self.cset, fp32, reference, tmp / graph_file("step" + CPU_FORM), found.top1)
+            kind = choose(agreement, self.calib.min_agreement, DYNAMIC, progress)
+        for role, prep in prepared.items():
+            if kind == "blockwise":
+                progress(f"writing the blockwise CPU form of {m.graphs[role]} ...")
+                quantize_cpu(prep, tmp / graph_file(role + CPU_FORM))
+            m.graphs[role + CPU_FORM] = graph_file(role + CPU_FORM)
+        return kind
 
 
 def export_int8(source: ModelSource, out_dir: str | Path, opts: ExportOptions, calib: CalibOptions | None = None,

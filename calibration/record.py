@@ -40,6 +40,8 @@ from ecm.model.var import VAR
 
 META_NAME = "calibration.json"
 FORMAT = 1
+#: The graphs teacher forcing runs: it records logits and latents, and decodes nothing.
+FORCED_ROLES = ("step", "control")
 #: Procedural conditions for calibration: neither the training set (seed 0) nor the held-out one (1000).
 CALIB_SEED = 2000
 Bar = Callable[[Iterable[Any]], Iterable[Any]]
@@ -233,17 +235,18 @@ def calibration_set(var: VAR, ecm: ECM | None, m: Manifest, source: Path | None,
 
 
 def teacher_forced(cset: CalibrationSet, backend: OrtBackend, m: Manifest) -> Iterator[Trajectory]:
-    """Every recorded batch run again through ``backend``'s graphs with the recorded inputs at every scale
-    (teacher forcing): the KV caches fill as that generation filled them; logits recorded, nothing decoded."""
+    """Every recorded generation run again through ``backend``'s graphs with the recorded inputs at every scale
+    (teacher forcing): the KV caches fill as that generation filled them; logits recorded, nothing decoded.
+    One generation at a time, whatever batches it was recorded in: the KV cache of one (d16: 0.18 GB)."""
     sampling = Sampling(**cset.meta.sampling)
-    loops: dict[int, ScaleLoop] = {}
+    loop = ScaleLoop(m, backend, 1)
     K = m.num_scales
     for arrays in cset.batches():
-        labels, cond = arrays["labels"], arrays.get("cond")
-        loop = loops.setdefault(len(labels), ScaleLoop(m, backend, len(labels)))
-        teacher = Trajectory(x_in=[arrays[f"x{si}"] for si in range(K)], f_hat_in=[arrays[f"f{si}"] for si in range(K)])
-        yield loop.run(labels, cond, sampling, uniforms=[arrays[f"u{si}"] for si in range(K)], teacher=teacher,
-                       record=True, decode=False)
+        for j in range(len(arrays["labels"])):
+            row = {key: value[j:j + 1] for key, value in arrays.items()}
+            teacher = Trajectory(x_in=[row[f"x{si}"] for si in range(K)], f_hat_in=[row[f"f{si}"] for si in range(K)])
+            yield loop.run(row["labels"], row.get("cond"), sampling, uniforms=[row[f"u{si}"] for si in range(K)],
+                           teacher=teacher, record=True, decode=False)
 
 
 def guided_top1(cset: CalibrationSet, traj: Trajectory, m: Manifest) -> list[np.ndarray]:
@@ -257,14 +260,35 @@ class Calibration:
     """What one teacher-forced pass of the fp32 graphs over a calibration set measures."""
 
     absmax: dict[str, dict[str, np.ndarray]]  # graph role -> activation -> its largest magnitude per channel
-    top1: list[list[np.ndarray]]  # per recorded batch, per scale: the fp32 step graph's guided top-1 tokens
+    top1: list[list[np.ndarray]]  # per recorded generation, per scale: the fp32 step graph's guided top-1 tokens
+    latents: list[np.ndarray]  # every generation's final f_hat (C, hw, hw): what the decoder is calibrated on
+
+
+ABSMAX = "__absmax"  # suffix of a tapped activation's per-channel peak, reduced inside the graph
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset of ``model``."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def tapped(folder: Path, graph: str, names: list[str]) -> Path:
-    """The graph file ``graph`` with the tensors ``names`` added as outputs, written beside it (same weights)."""
+    """The graph file ``graph`` with each activation of ``names`` reduced in the graph to its largest magnitude
+    per channel (last axis) and added as the output ``name + ABSMAX``, written beside it (same weights): a run
+    returns a vector per activation, not the activation (d16: kilobytes instead of gigabytes)."""
     model = onnx.load(str(folder / graph), load_external_data=False)
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names if t not in known)
+    axes = "__calibration_axes0"
+    new_axes = default_opset(model) >= 18  # ReduceMax takes its axes as an input from opset 18
+    if new_axes:
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), axes))
+    for t in names:
+        flat, peak = f"{t}__abs2d", t + ABSMAX
+        model.graph.node.extend([
+            helper.make_node("Abs", [t], [f"{t}__abs"]),
+            helper.make_node("Flatten", [f"{t}__abs"], [flat], axis=-1),
+            helper.make_node("ReduceMax", [flat, axes], [peak], keepdims=0) if new_axes
+            else helper.make_node("ReduceMax", [flat], [peak], keepdims=0, axes=[0])])
+        model.graph.output.append(helper.make_empty_tensor_value_info(peak))
     path = folder / f"tapped.{graph}"
     onnx.save(model, str(path))
     return path
@@ -273,25 +297,29 @@ def tapped(folder: Path, graph: str, names: list[str]) -> Path:
 def calibrate(cset: CalibrationSet, fp32_folder: Path, m: Manifest, activations: dict[str, list[str]]) -> Calibration:
     """Teacher-force the fp32 graphs in ``fp32_folder`` along every recorded trajectory, in one pass and one
     ONNX Runtime session per graph: the largest magnitude of every channel of the ``activations`` of each
-    graph role, and the step graph's guided top-1 tokens (what the INT8 graphs are held to)."""
+    graph role, the step graph's guided top-1 tokens (what the INT8 graphs are held to), and the final
+    latents."""
     absmax: dict[str, dict[str, np.ndarray]] = {role: {} for role in activations}
 
     def seen_in(role: str) -> Callable[[str, np.ndarray], None]:
-        def seen(name: str, value: np.ndarray) -> None:
-            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+        def seen(name: str, peak: np.ndarray) -> None:
+            name = name.removesuffix(ABSMAX)
             absmax[role][name] = np.maximum(absmax[role][name], peak) if name in absmax[role] else peak
 
         return seen
 
-    taps = [Taps(role, tapped(fp32_folder, m.graphs[role], names), names, seen_in(role))
+    taps = [Taps(role, tapped(fp32_folder, m.graphs[role], names), [t + ABSMAX for t in names], seen_in(role))
             for role, names in activations.items() if names]
+    top1, latents = [], []
     try:
-        with OrtBackend(fp32_folder, m, taps=taps) as backend:
-            top1 = [guided_top1(cset, traj, m) for traj in teacher_forced(cset, backend, m)]
+        with OrtBackend(fp32_folder, m, taps=taps, roles=FORCED_ROLES) as backend:
+            for traj in teacher_forced(cset, backend, m):
+                top1.append(guided_top1(cset, traj, m))
+                latents += list(traj.f_hat)
     finally:
         for t in taps:
             t.graph.unlink(missing_ok=True)
-    return Calibration(absmax, top1)
+    return Calibration(absmax, top1, latents)
 
 
 def teacher_agreement(cset: CalibrationSet, fp32_folder: Path, m: Manifest, step: Path,
@@ -299,7 +327,7 @@ def teacher_agreement(cset: CalibrationSet, fp32_folder: Path, m: Manifest, step
     """Per scale, how often the step graph ``step`` (run with the rest of the fp32 export, its own KV caches
     filled by teacher forcing) picks the guided top-1 token the fp32 graphs picked (``reference``)."""
     same, total = np.zeros(m.num_scales), np.zeros(m.num_scales)
-    with OrtBackend(fp32_folder, m, files={"step": step}) as backend:
+    with OrtBackend(fp32_folder, m, files={"step": step}, roles=FORCED_ROLES) as backend:
         for want, traj in zip(reference, teacher_forced(cset, backend, m)):
             for si, got in enumerate(guided_top1(cset, traj, m)):
                 same[si] += np.sum(got == want[si])

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from ecm.export.verify import Reference, compare
+from ecm.calibration.decoder import DecoderChoice
+from ecm.export.verify import Reference, VerifyReport, compare
 from ecm.runtime.controls import control_type
 from ecm.runtime.files import write_json
 from ecm.runtime.images import grid, save_png, zoom
@@ -33,6 +34,9 @@ class Int8Report:
     fidelity_fp32: float | None  # of the eager fp32 samples to their conditions
     fidelity_int8: float | None  # of the CPU forms' samples, same seeds
     fidelity_int8_qdq: float | None
+    cpu: str = "blockwise"  # the CPU forms' kind: dynamic or blockwise (calibration.quantize)
+    decoder: DecoderChoice | None = None  # the decoder's INT8 CPU form (None: it stays fp32 on a CPU)
+    decoder_psnr: float | None = None  # that form's PSNR against fp32 over these images, on their latents, dB
 
     @property
     def worst_agreement(self) -> float:
@@ -56,6 +60,10 @@ class Int8Report:
         if self.fidelity_change is not None:
             lines.append(f"control {self.metric}: fp32 {self.fidelity_fp32:.4f}, INT8 {self.fidelity_int8:.4f} "
                          f"({100 * self.fidelity_change:+.1f}%), INT8 Q/DQ {self.fidelity_int8_qdq:.4f}")
+        d = self.decoder
+        lines.append(f"CPU forms: {self.cpu}; decoder on a CPU: " + (
+            "fp32" if d is None else f"INT8 in {d.quantized} of {d.convolutions} convolutions "
+            f"({100 * d.flops_share:.0f}% of their FLOPs), PSNR against fp32 {self.decoder_psnr:.1f} dB"))
         return "\n".join(lines)
 
 
@@ -65,9 +73,11 @@ def mean_fidelity(m: Manifest, images_NHW3: np.ndarray, cond_NHW3: np.ndarray) -
     return float(np.mean([kind.score(img, c, m.control) for img, c in zip(images_NHW3, cond_NHW3)]))
 
 
-def int8_report(folder: Path, ref: Reference) -> tuple[Int8Report, Path | None]:
+def int8_report(folder: Path, ref: Reference, decoder: DecoderChoice | None = None,
+                decoder_psnr: float | None = None) -> tuple[Int8Report, Path | None, VerifyReport]:
     """Measure the INT8 export in ``folder`` against the eager generations ``ref``; writes the report and
-    (with control) the picture there."""
+    (with control) the picture there. ``decoder``, ``decoder_psnr``: what became of the decoder. Also
+    returns the comparison of the CPU forms with the eager model (the export's verification)."""
     m = Manifest.load(folder)
     qdq, qdq_images = compare(folder, ref, cpu_forms=False)
     cpu, cpu_images = compare(folder, ref, cpu_forms=True)
@@ -81,8 +91,9 @@ def int8_report(folder: Path, ref: Reference) -> tuple[Int8Report, Path | None]:
         save_png(zoom(grid(rows), 3), picture)
     report = Int8Report(len(ref.labels), m.quantization["scope"], m.quantization["activations"],
                         [s.teacher_top1_agreement for s in qdq.scales],
-                        [s.teacher_top1_agreement for s in cpu.scales], *fidelity)
+                        [s.teacher_top1_agreement for s in cpu.scales], *fidelity,
+                        m.quantization.get("cpu", "blockwise"), decoder, decoder_psnr)
     write_json({**asdict(report), "worst_agreement": report.worst_agreement,
                 "fidelity_change": report.fidelity_change},
                folder / REPORT_NAME)
-    return report, picture
+    return report, picture, cpu

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from ecm.export.fold import fold_class_tables, fold_ecm_norms
 from ecm.export.graphs import ControlGraph, DecoderGraph, StepGraph
+from ecm.export.memory_plan import decoder_feature_elements, memory_plan
 from ecm.export.onnx_export import DEFAULT_OPSET, MAX_CANDIDATES, check_opset, export_graph
 from ecm.export.precision import cast_matmuls
 from ecm.export.tensorrt_ops import graph_problems
@@ -37,7 +38,7 @@ from ecm.export.verify import VerifyReport, eager_reference, verify_export
 from ecm.runtime.errors import ConfigError, ECMError
 from ecm.runtime.files import file_sha256, write_json
 from ecm.runtime.manifest import CPU_FORM, MANIFEST_NAME, PRECISIONS, STEM, ControlSpec, Manifest, graph_file
-from ecm.runtime.memory import return_freed_memory, trim_heap
+from ecm.runtime.memory import graph_bytes, return_freed_memory, trim_heap
 from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_ECM_TEMPERATURE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
 from ecm.model.adapters import ECM, load_ecm
@@ -103,8 +104,10 @@ class Quantizer(Protocol):
         """Everything the eager models are needed for (calibration generations, report references)."""
         ...
 
-    def apply(self, folder: Path, m: Manifest, progress: Progress) -> None:
-        """Quantize the fp32 graphs of the unfinished export in ``folder``; ``m`` gains the forms it writes."""
+    def apply(self, folder: Path, m: Manifest, progress: Progress) -> VerifyReport | None:
+        """Quantize the fp32 graphs of the unfinished export in ``folder``; ``m`` gains the forms it writes.
+        Returns the comparison of the graphs a CPU runs with the eager models, where it made one: the
+        export's verification then."""
         ...
 
 
@@ -214,6 +217,7 @@ def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, 
                           "(ecm-export --precision int8), which quantizes; other precisions take no quantizer")
     var, ecm = source.load()
     m = make_manifest(var, ecm, opts, source.sources())
+    decoder_elements = decoder_feature_elements(var.vae.config)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".ecm-export-", dir=out_dir))
@@ -221,7 +225,7 @@ def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, 
         raise ECMError(f"cannot write to {out_dir}: {e.strerror or e}; choose a writable --out folder") from None
     try:
         reference = None
-        if opts.verify:
+        if opts.verify and quantizer is None:
             progress("generating the eager model's reference images ...")
             reference = eager_reference(var, ecm, m, max(opts.batch, VERIFY_BATCH))
         if quantizer is not None:
@@ -233,16 +237,19 @@ def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, 
         gc.collect()
         trim_heap()
         m.save(tmp)
-        if quantizer is not None:
-            quantizer.apply(tmp, m, progress)
+        checked = quantizer.apply(tmp, m, progress) if quantizer is not None else None
         for role, name in m.graphs.items():
             problems = [] if role.endswith(CPU_FORM) else graph_problems(tmp / name)
             if problems:
                 raise ECMError(f"{name} would not parse in TensorRT: {'; '.join(problems[:3])}")
-        report = None
+        plan = memory_plan(m, graph_bytes(tmp, m, cpu=False), decoder_elements)
+        m.memory = plan.to_dict()
+        m.save(tmp)
+        report = checked if opts.verify else None
         if reference is not None:
             progress("verifying with ONNX Runtime against the eager model ...")
             report = verify_export(tmp, reference)
+        if report is not None:
             write_json(report.to_dict(), tmp / VERIFY_NAME)
             progress(report.summary())
         from ecm.export.golden import save_golden
@@ -252,6 +259,8 @@ def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, 
         files = _commit(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for line in plan.lines():
+        progress(line)
     return ExportResult(out_dir, Manifest.load(out_dir), files, report)
 
 

@@ -108,7 +108,9 @@ class Manifest:
     adapter_heads: int = 0
     opset: int = 21
     tensorrt: dict[str, Any] | None = None  # version, compute capability and plan files, once built
-    quantization: dict[str, str] | None = None  # int8: scope, activations of the Q/DQ graphs (int8 or fp16)
+    quantization: dict[str, str] | None = None  # int8: scope, activations of the Q/DQ graphs (int8 or fp16), CPU forms
+    # (dynamic or blockwise), the decoder on a CPU (int8 or fp32)
+    memory: dict[str, Any] | None = None  # the device memory a deployment needs (export.memory_plan), per batch
     ecm_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -257,8 +259,8 @@ class Manifest:
             raise ManifestError(f"{where} has schema version {version!r}, this ecm reads version {SCHEMA_VERSION}; "
                                 "re-export with this version's ecm-export")
         names = {f.name for f in fields(cls)}
-        optional = {"sources", "opset", "tensorrt", "quantization", "ecm_version", "adapter_layers", "adapter_dim",
-                    "adapter_heads"}
+        optional = {"sources", "opset", "tensorrt", "quantization", "memory", "ecm_version", "adapter_layers",
+                    "adapter_dim", "adapter_heads"}
         missing = sorted(n for n in names if n not in d and n not in optional)
         if missing:
             raise ManifestError(f"{where} lacks {', '.join(missing)}; re-export with ecm-export")

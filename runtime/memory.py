@@ -52,8 +52,14 @@ def peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
+def graph_bytes(folder: str | Path, m: Manifest | None = None, cpu: bool = True) -> dict[str, int]:
+    """Role -> bytes on disk of each graph a runtime loads (on the CPU, with ``cpu``): weights plus the graph."""
+    folder = Path(folder)
+    m = m or Manifest.load(folder)
+    return {role: sum(p.stat().st_size for p in folder.glob(name + "*"))
+            for role, name in m.runtime_graphs(cpu).items()}
+
+
 def weight_bytes(folder: str | Path, cpu: bool = True) -> int:
     """Bytes on disk of the graphs a runtime loads (on the CPU, with ``cpu``): weights plus graph descriptions."""
-    folder = Path(folder)
-    return sum(p.stat().st_size for name in Manifest.load(folder).runtime_graphs(cpu).values()
-               for p in folder.glob(name + "*"))
+    return sum(graph_bytes(folder, cpu=cpu).values())

@@ -37,18 +37,37 @@ class Taps:
     seen: Callable[[str, np.ndarray], None]
 
 
+def session_options(ort: Any, threads: int = 0, level: str = "ORT_ENABLE_ALL", arena: bool = False,
+                    config: dict[str, str] | None = None) -> Any:
+    """The session options every ONNX Runtime session of ours runs with (``ort`` is the imported module)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    opts.log_severity_level = 4  # errors reach the user as exceptions, in one line: no log lines besides
+    # Idle worker threads spinning for work cost more than they save between the many small ops of
+    # a scale (measured: 1.9x slower on two shared cores); let them sleep.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Without ONNX Runtime's CPU arena, activations go back to the allocator after each call: the
+    # same speed here, and a resident size close to weights + KV cache instead of about twice it.
+    opts.enable_cpu_mem_arena = arena
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
 class OrtBackend(Closing):
     """Runs the ONNX graphs listed in a manifest with ONNX Runtime.
 
     ``files`` runs other files for some roles (a quantized step graph checked against the rest of an
-    fp32 export); ``taps`` reads tensors inside graphs after each run.
+    fp32 export); ``taps`` reads tensors inside graphs after each run; ``roles`` loads only those graphs.
     """
 
     name = "ONNX Runtime"
 
     def __init__(self, folder: str | Path, manifest: Manifest | None = None, device: str = "cpu", threads: int = 0,
                  config: dict[str, str] | None = None, arena: bool = False, level: str = "ORT_ENABLE_ALL",
-                 cpu_forms: bool = True, files: dict[str, Path] | None = None, taps: list[Taps] = ()):
+                 cpu_forms: bool = True, files: dict[str, Path] | None = None, taps: list[Taps] = (),
+                 roles: tuple[str, ...] | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -61,26 +80,17 @@ class OrtBackend(Closing):
                            "(onnxruntime-gpu, without onnxruntime) or use --device cpu")
         self.device = device
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        opts.log_severity_level = 4  # errors reach the user as exceptions, in one line: no log lines besides
-        # Idle worker threads spinning for work cost more than they save between the many small ops of
-        # a scale (measured: 1.9x slower on two shared cores); let them sleep.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Without ONNX Runtime's CPU arena, activations go back to the allocator after each call: the
-        # same speed here, and a resident size close to weights + KV cache instead of about twice it.
-        opts.enable_cpu_mem_arena = arena
+        opts = session_options(ort, threads, level, arena, config)
         if device == "cpu" and not arena:
             return_freed_memory()
-        for key, value in (config or {}).items():
-            opts.add_session_config_entry(key, value)
         self.sessions = {}
         self.taps = {t.role: t for t in taps}
         paths = {role: self.folder / name  # an INT8 export's CPU forms run faster here than its Q/DQ graphs
                  for role, name in self.manifest.runtime_graphs(cpu=device == "cpu" and cpu_forms).items()}
         paths.update(files or {})
         paths.update({t.role: t.graph for t in taps})
+        if roles is not None:  # runs that never decode (teacher forcing) need no decoder in memory
+            paths = {role: path for role, path in paths.items() if role in roles}
         for role, path in paths.items():
             if not path.is_file():
                 raise ECMError(f"{path} is missing; re-export with ecm-export")

@@ -99,6 +99,9 @@ def test_quick_run_reports_every_figure(tmp_path):
         assert row["vs_eager"] == row["s_per_img"] / model["rows"][0]["s_per_img"]
         if row["backend"] != "tensorrt":
             assert row["peak_mb"] > 0
+        if row["backend"] == "onnxruntime":
+            assert 0 < row["decoder_share"] < 1 and row["peak_vs_held"] > 0
+            assert row["vs_fp32"] == row["s_per_img"] / model["rows"][1]["s_per_img"]
     assert model["adapter_overhead"]["ratio"] > 0
     assert len(model["kv_cache"]["per_scale"]) == 6
     floor = model["floor"]
@@ -112,3 +115,19 @@ def test_quick_run_reports_every_figure(tmp_path):
         assert text in result.output
     with Image.open(png) as img:
         assert img.format == "PNG" and img.width > 500
+
+
+def test_an_export_is_timed_in_a_process_of_its_own(tmp_path):
+    """ecm-bench's exports of the official stand-ins: ecm-export with its defaults in a child process, whose own
+    wall time and peak RSS are reported (here on the embedded default's checkpoint files)."""
+    from ecm.export.pipeline import Checkpoints
+    from ecm.runtime.manifest import Manifest
+
+    from ecm.bench.suite import timed_export
+    from ecm.model.embedded import default_paths
+
+    vae, var, ecm = default_paths()
+    run = timed_export(Checkpoints(vae, var, ecm), "fp16", tmp_path / "fp16", tmp_path / "cache")
+    assert Manifest.load(tmp_path / "fp16").precision == "fp16"
+    assert run["wall_s"] > 0 and 100 < run["peak_mb"] < 4096
+    assert "device memory (fp16)" in (tmp_path / "fp16.log").read_text()

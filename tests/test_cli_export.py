@@ -42,6 +42,7 @@ def test_export_picks_the_latest_training_run(tmp_path, monkeypatch):
     assert m.sources["var"] == file_sha256(tmp_path / "bb" / "var.safetensors") != file_sha256(default_paths()[1])
     assert m.control.type == "canny" and (tmp_path / "var_ecm.verify.json").is_file()
     assert "ONNX Runtime vs eager" in out and "free-running tokens identical at every scale" in out
+    assert "device memory (fp32): weights" in out and "batch 8:" in out and "fits Orin Nano 8GB" in out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -166,3 +166,22 @@ def test_canny_thresholds_and_unreadable_maps(tmp_path):
     ctrl = Control("folder:depth", tmp_path / "maps", resolution=8)
     with pytest.raises(ECMError, match=r"1 of 2 control maps .* cannot be read: b\.png"):
         ctrl.check_pairs([tmp_path / "a.jpg", tmp_path / "b.jpg"])
+
+
+@pytest.mark.parametrize("preset", ["d16", "d20", "d24", "d30"])
+def test_adapter_heads_divide_the_width_of_every_official_size(tiny_pair, batch, preset):
+    """d30's adapters are 480 wide: one head per 64 channels does not divide it; the heads must, or the
+    adapters' attention cannot even run (the width is kept, the heads chosen around 64 channels each)."""
+    from ecm.runtime.errors import ConfigError
+
+    from ecm.model.config import var_config
+
+    cfg = ecm_config(var_config(preset), 16)
+    assert cfg.width % cfg.heads == 0 and 48 <= cfg.width // cfg.heads <= 80
+    vae, var = tiny_pair
+    label, x, ctrl = batch
+    ecm = randomize_(ECM(ecm_config(var.config, vae.config.downsample, adapter_dim=cfg.width)), 0)
+    with torch.no_grad():
+        assert var(label, x, ecm, ecm.control_tokens(ctrl)).shape[1] == x.shape[1] + 1
+    with pytest.raises(ConfigError, match="do not divide"):
+        ecm_config(var.config, vae.config.downsample, adapter_dim=480, adapter_heads=7)

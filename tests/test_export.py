@@ -233,3 +233,34 @@ def test_tensorrt_plans_match_the_golden_outputs(fp16_export):
             got = runner.infer(feeds)
         ref = want["logits"]
         assert np.abs(got["logits"] - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+def test_the_manifest_holds_the_memory_plan(fp16_export, tiny_pair, tiny_ecm):
+    """Weights as written, KV cache per batch as the manifest's shapes give it, the Jetson modules it fits; the
+    count on models without data (what the README's table of official sizes uses) agrees with the files."""
+    import torch
+    from ecm.export.memory_plan import BATCHES, GB, JETSONS, memory_plan, model_weight_bytes, usable_gb
+    from ecm.runtime.memory import graph_bytes
+
+    from ecm.model.adapters import ECM
+    from ecm.model.var import VAR
+    from ecm.model.vqvae import VQVAE
+
+    folder, m = fp16_export.folder, fp16_export.manifest
+    plan = m.memory
+    assert plan["weights"] == graph_bytes(folder, m, cpu=False)
+    for B in BATCHES:
+        assert plan["kv_cache"][str(B)] == m.kv_cache_bytes(B) > 0
+        assert plan["total"][str(B)] == sum(plan["weights"].values()) + plan["kv_cache"][str(B)] + \
+            plan["activations"][str(B)]
+        assert plan["fits"][str(B)] == list(JETSONS)  # a tiny model fits everywhere
+    with torch.device("meta"):
+        var = VAR(tiny_pair[1].config, VQVAE(tiny_pair[0].config))
+        ecm = ECM(tiny_ecm.config)
+    counted = sum(model_weight_bytes(var, ecm, "fp16").values())
+    assert abs(counted - sum(plan["weights"].values())) < 0.15 * counted
+    # a plan fits a module while it leaves the OS its reserve
+    room = int(usable_gb(8) * GB) - m.kv_cache_bytes(1)
+    activations = memory_plan(m, {"step": 0}, 1, (1,)).activations[1]
+    assert memory_plan(m, {"step": room - activations}, 1, (1,)).fits[1][0] == "Orin Nano 8GB"
+    assert memory_plan(m, {"step": room - activations + 1}, 1, (1,)).fits[1][0] == "Orin NX 16GB"

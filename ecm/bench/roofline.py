@@ -157,7 +157,8 @@ def image_floors(var: VAR, ecm: ECM | None) -> dict[str, Floor]:
     """The floor of one image of ``var`` (+ ``ecm``) in each precision of PRECISION_BYTES."""
     flops: dict[str, float] = dict(generation_flops(var.config, ecm.config if ecm is not None else None))
     HW = var.config.patch_nums[-1]
-    flops["decoder"] = counted_flops(var.vae.fhat_to_img, torch.zeros(1, var.config.Cvae, HW, HW))
+    f_hat = torch.zeros(1, var.config.Cvae, HW, HW, device=var.head.weight.device)  # meta for a model without data
+    flops["decoder"] = counted_flops(var.vae.fhat_to_img, f_hat)
     return {precision: Floor(flops, generation_bytes(var, ecm, precision)) for precision in PRECISION_BYTES}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ecm.bench.chart import draw_chart
-from ecm.bench.models import MODELS
+from ecm.bench.models import MODELS, OFFICIAL
 from ecm.bench.suite import report_lines, run_bench
 from ecm.runtime.errors import exit_on_error
 
@@ -18,7 +18,9 @@ from ecm.runtime.errors import exit_on_error
 @click.command()
 @click.option("--models", "model_names", default=",".join(MODELS), show_default=True,
               help=f"Comma-separated models to measure: {', '.join(MODELS)} (the embedded default; a random-weight "
-                   "d16-proportioned one).")
+                   "d16-proportioned one with 4 blocks) or official-shaped random-weight stand-ins "
+                   f"{', '.join(OFFICIAL)} (written as checkpoint files and exported by ecm-export with its defaults; "
+                   "d16 takes about 40 minutes here).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Alternating timing rounds per model; each figure is the best round.")
 @click.option("--round-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0),
@@ -49,9 +51,10 @@ def main(model_names: str, repeats: int, round_seconds: float, memory_images: in
     rounds. Takes about ten minutes on two CPU cores; --quick about a minute.
     """
     names = [n.strip() for n in model_names.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(MODELS))
+    unknown = sorted(set(names) - set(MODELS) - set(OFFICIAL))
     if unknown or not names:
-        raise click.BadParameter(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}",
+        known = ", ".join(MODELS + OFFICIAL)
+        raise click.BadParameter(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {known}",
                                  param_hint="--models")
     if quick:
         names, repeats, round_seconds, memory_images, train_iters, train_batch = ["default"], 1, 0.0, 1, 1, 4

@@ -34,7 +34,7 @@ class ECMConfig:
 
     num_adapters: int = 4
     adapter_dim: int = 0  # width the adapters work at; 0: a quarter of the backbone's
-    adapter_heads: int = 0  # attention heads of an adapter; 0: one per 64 channels
+    adapter_heads: int = 0  # attention heads of an adapter; 0: about one per 64 channels (a divisor of the width)
     enc_width: int = 256
     enc_depth: int = 4
     enc_heads: int = 4
@@ -53,6 +53,9 @@ class ECMConfig:
         if not 1 <= self.num_adapters <= self.depth:
             raise ConfigError(f"ECM needs 1..{self.depth} adapters for a depth-{self.depth} backbone, "
                               f"not {self.num_adapters}; pass fewer adapters")
+        if self.width % self.heads:
+            raise ConfigError(f"{self.heads} adapter heads do not divide the adapters' width {self.width}; "
+                              "pass a divisor of it as adapter_heads")
 
     @property
     def width(self) -> int:
@@ -61,7 +64,12 @@ class ECMConfig:
 
     @property
     def heads(self) -> int:
-        return self.adapter_heads or max(self.width // 64, 1)
+        """Attention heads of an adapter: as asked, else the divisor of the width nearest one per 64 channels
+        (d30's 480 channels: 8 heads of 60)."""
+        if self.adapter_heads:
+            return self.adapter_heads
+        divisors = [h for h in range(1, self.width + 1) if self.width % h == 0]
+        return min(divisors, key=lambda h: (abs(h - self.width / 64), -h))
 
     @property
     def positions(self) -> tuple[int, ...]:
