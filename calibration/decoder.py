@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from ecm.calibration.quantize import Parts, rewritten
+from ecm.calibration.quantize import Parts, per_channel, rewritten
 from ecm.export.onnx_files import Graph, Value
 from ecm.runtime.ort_backend import session_options
 from onnx import helper, shape_inference
@@ -30,7 +30,7 @@ RANGE_LATENTS = 16  # calibration latents that set the activation ranges
 SENSITIVITY_LATENTS = 2  # check latents that measure one convolution's error alone (an ordering, not a bound)
 MEASURED_SHARE = 0.05  # convolutions with this share of the FLOPs or more have their image error measured alone
 F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
-U8_MAX, INT8_MAX = 255, 127
+U8_MAX = 255
 
 
 def psnr(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -71,13 +71,13 @@ def half_decoder(src: Path, dst: Path) -> None:
 
 def conv_costs(src: Path) -> dict[str, float]:
     """The FLOPs of each convolution of the decoder for one image."""
-    model = onnx.load(str(src), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
+    g = Graph.open(src)
+    inits, model = g.initializers, g.model
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # one image
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*shape_inference.infer_shapes(model).graph.value_info, *model.graph.output]}
     return {n.name: 2.0 * np.prod(inits[n.input[1]].dims) * np.prod(shapes[n.output[0]][2:])
-            for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits and n.output[0] in shapes}
+            for n in convolutions(g)}
 
 
 def ort_session(path: Path) -> Any:
@@ -126,11 +126,10 @@ def u8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
 
 
 def conv_weight_int8(w_OIHW: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT8 per output channel: codes in [-127, 127] and the fp32 scales."""
-    scale_O = np.maximum(np.abs(w_OIHW.reshape(len(w_OIHW), -1)).max(axis=1) / INT8_MAX,
-                         np.finfo(np.float32).tiny).astype(np.float32)
-    q = np.clip(np.round(w_OIHW / scale_O[:, None, None, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale_O
+    """Symmetric INT8 per output channel (the linear layers' :func:`per_channel` on the (I*H*W, O) view): codes in
+    [-127, 127] and the fp32 scales."""
+    q_KO, scale_O = per_channel(w_OIHW.reshape(len(w_OIHW), -1).T)
+    return q_KO.T.reshape(w_OIHW.shape), scale_O
 
 
 def quantize_convs(src: Path, dst: Path, ranges: dict[str, tuple[float, float]], chosen: Iterable[str]) -> None:

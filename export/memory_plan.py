@@ -15,7 +15,7 @@ few hundred MB more.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -47,23 +47,27 @@ class MemoryPlan:
     weights: dict[str, int]  # graph role -> bytes of its weights
     kv_cache: dict[int, int]  # batch -> bytes of the K and V caches over all scales
     activations: dict[int, int]  # batch -> estimated peak bytes of activations (step or decoder, the larger)
-    fits: dict[int, list[str]] = field(default_factory=dict)  # batch -> the Jetson modules it fits
 
     def total(self, batch: int) -> int:
         return sum(self.weights.values()) + self.kv_cache[batch] + self.activations[batch]
+
+    def fits(self, batch: int) -> list[str]:
+        """The Jetson modules that leave the OS its reserve with this plan at ``batch``, smallest first."""
+        return [name for name, gb in JETSONS.items() if self.total(batch) <= usable_gb(gb) * GB]
 
     def lines(self) -> list[str]:
         """What ecm-export prints: one line for the weights, one per batch size."""
         w = " + ".join(f"{role} {b / GB:.2f}" for role, b in self.weights.items())
         out = [f"device memory ({self.precision}): weights {sum(self.weights.values()) / GB:.2f} GB ({w})"]
         for B in self.kv_cache:
-            fits = ", ".join(self.fits[B]) or "none of the Jetson modules"
+            fits = ", ".join(self.fits(B)) or "none of the Jetson modules"
             out.append(f"  batch {B}: {self.total(B) / GB:.2f} GB = weights + KV cache {self.kv_cache[B] / GB:.2f} "
                        f"+ activations ~{self.activations[B] / GB:.2f}; fits {fits}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": {B: self.total(B) for B in self.kv_cache}}
+        return {**asdict(self), "total": {B: self.total(B) for B in self.kv_cache},
+                "fits": {B: self.fits(B) for B in self.kv_cache}}
 
 
 def step_activation_bytes(m: Manifest, batch: int, ffn_ratio: float = 4.0) -> int:
@@ -96,15 +100,12 @@ def memory_plan(m: Manifest, weights: dict[str, int], decoder_elements: int,
     kv = {B: m.kv_cache_bytes(B) for B in batches}
     act = {B: max(step_activation_bytes(m, B), decoder_activation_bytes(B, decoder_elements, element))
            for B in batches}
-    plan = MemoryPlan(m.precision, weights, kv, act)
-    plan.fits = {B: [name for name, gb in JETSONS.items() if plan.total(B) <= usable_gb(gb) * GB]
-                 for B in batches}
-    return plan
+    return MemoryPlan(m.precision, weights, kv, act)
 
 
 def smallest_fit(plan: MemoryPlan, batch: int = 1) -> str:
     """The smallest Jetson module the plan fits at ``batch``, or a dash."""
-    return next(iter(plan.fits[batch]), "-")
+    return next(iter(plan.fits(batch)), "-")
 
 
 def model_weight_bytes(var: VAR, ecm: ECM | None, precision: str) -> dict[str, int]:

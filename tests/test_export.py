@@ -262,5 +262,5 @@ def test_the_manifest_holds_the_memory_plan(fp16_export, tiny_pair, tiny_ecm):
     # a plan fits a module while it leaves the OS its reserve
     room = int(usable_gb(8) * GB) - m.kv_cache_bytes(1)
     activations = memory_plan(m, {"step": 0}, 1, (1,)).activations[1]
-    assert memory_plan(m, {"step": room - activations}, 1, (1,)).fits[1][0] == "Orin Nano 8GB"
-    assert memory_plan(m, {"step": room - activations + 1}, 1, (1,)).fits[1][0] == "Orin NX 16GB"
+    assert memory_plan(m, {"step": room - activations}, 1, (1,)).fits(1)[0] == "Orin Nano 8GB"
+    assert memory_plan(m, {"step": room - activations + 1}, 1, (1,)).fits(1)[0] == "Orin NX 16GB"

@@ -226,8 +226,7 @@ def bench_model(name: str, target: str, folders: dict[str, Path], trt_reason: st
                 round_s: float, memory_images: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Timing rounds, memory probes, decoder share, KV cache and floor of model ``name`` (loaded as ``target``:
     its name, or a stand-in's checkpoint folder); the floor's seconds come later."""
-    official = name in OFFICIAL
-    eager = not official or ORT32 in {ORT_LABELS[k] for k in folders}  # large stand-ins: no fp32, no eager
+    eager = "fp32" in folders  # large stand-ins are measured without fp32, eager PyTorch included
     var, ecm = _model(target) if eager else (None, None)
     runs = runners(var, ecm, folders, trt_reason is None)
     log(f"[{name}] warming up {len(runs)} backends, then timing one image of each to size the rounds ...")
