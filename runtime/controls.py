@@ -168,6 +168,21 @@ def find_control(name: str) -> ControlType | None:
     return _REGISTRY.get(name)
 
 
+def scoring_control(name: str) -> ControlType:
+    """The control type whose extractor and metric score conditions of ``name``: itself, or for maps from a
+    folder (``folder:<x>``) the control registered as ``x``; a one-line error when there is none."""
+    kind = control_type(name)
+    if kind.extractor is not None:
+        return kind
+    base = name[len(FOLDER):]
+    found = find_control(base)
+    if found is None or found.extractor is None:
+        raise ECMError(f"no fidelity metric exists for {name}: its maps come from another tool, so none can be "
+                       f"made again from a generated image; register an extractor named {base!r} (register_control "
+                       f"or the entry-point group {ENTRY_POINTS}) to score it")
+    return found
+
+
 def control_type(name: str) -> ControlType:
     """The control type ``name``; an unknown name is a one-line error that lists the known ones."""
     found = find_control(name)

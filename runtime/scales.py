@@ -25,6 +25,11 @@ def begin_ends(patch_nums: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def prefix_ends(patch_nums: tuple[int, ...]) -> tuple[int, ...]:
+    """Tokens in the first k scales, for k = 1 .. K: where an early-centric prefix ends."""
+    return tuple(e for _, e in begin_ends(patch_nums))
+
+
 def total_tokens(patch_nums: tuple[int, ...]) -> int:
     """L, the length of the whole token pyramid."""
     return sum(scale_lengths(patch_nums))

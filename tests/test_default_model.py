@@ -1,10 +1,9 @@
 """The embedded default model: small, loadable, and following its control."""
 
-import numpy as np
 import pytest
 import torch
 
-from ecm.data.datasets import HELD_OUT_SEED, ProceduralShapes
+from ecm.data.datasets import ProceduralShapes
 from ecm.model.embedded import DEFAULT_DIR, load_default
 
 
@@ -21,11 +20,10 @@ def test_shipped_files_are_small_fp16_and_load():
 def test_control_fidelity_beats_the_backbone_threefold():
     from ecm.data.controls import Control
     from ecm.eval.fidelity import evaluate
+    from ecm.eval.held_out import ProceduralHeldOut
 
     vae, var, ecm = load_default()
-    ds = ProceduralShapes(256, vae.config.resolution, HELD_OUT_SEED)
-    images = np.stack([ds[i][0] for i in range(256)])
-    labels = np.array([ds[i][1] for i in range(256)])
-    res = evaluate(var, ecm, images, labels, Control("canny", resolution=64), cfg=1.5, top_k=900, top_p=0.96,
-                   temperature="1.0:0.8")
+    control = Control("canny", resolution=vae.config.resolution)
+    res = evaluate(var, ecm, ProceduralHeldOut(256, control), control.kind, control.manifest_spec, cfg=1.5,
+                   top_k=900, top_p=0.96, temperature="1.0:0.8")
     assert res.ecm >= 3 * res.backbone

@@ -164,8 +164,10 @@ def test_canny_thresholds_and_unreadable_maps(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "maps" / "a.png")
     (tmp_path / "maps" / "b.png").write_bytes(b"not a png")
     ctrl = Control("folder:depth", tmp_path / "maps", resolution=8)
-    with pytest.raises(ECMError, match=r"1 of 2 control maps .* cannot be read: b\.png"):
-        ctrl.check_pairs([tmp_path / "a.jpg", tmp_path / "b.jpg"])
+    ctrl.check_pairs([tmp_path / "a.jpg", tmp_path / "b.jpg"])  # both have a map; b's is found unreadable when read
+    assert ctrl(img, tmp_path / "a.jpg").shape == (8, 8, 3)
+    with pytest.raises(ECMError, match=r"cannot read control map .*b\.png"):
+        ctrl(img, tmp_path / "b.jpg")
 
 
 @pytest.mark.parametrize("preset", ["d16", "d20", "d24", "d30"])

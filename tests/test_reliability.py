@@ -35,16 +35,19 @@ from ecm.model.embedded import default_paths
 
 #: ``python -c RUN args...`` is ``ecm-run args...`` without relying on the console script being on PATH.
 RUN = "from ecm.cli.run import main; main()"
-#: Runs ``module.command(args)`` and SIGKILLs the process the instant a file would be renamed onto ``target``:
-#: the worst moment for an atomic write (everything written, nothing committed) or between two of them.
+#: Runs ``module.command(args)`` and SIGKILLs the process the instant a file would be renamed onto ``target``
+#: (the ``nth`` time): the worst moment for an atomic write (everything written, nothing committed) or between
+#: two of them.
 KILL_ON_RENAME = r"""
 import os, signal, sys
-target, module, command = sys.argv[1:4]
-del sys.argv[1:4]
-real_replace = os.replace
+target, nth, module, command = sys.argv[1:5]
+del sys.argv[1:5]
+real_replace, seen = os.replace, []
 def replace(src, dst, *args, **kwargs):
     if os.path.abspath(os.fsdecode(dst)) == target:
-        os.kill(os.getpid(), signal.SIGKILL)
+        seen.append(dst)
+        if len(seen) == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
 getattr(__import__(module, fromlist=[command]), command)(sys.argv[1:])
@@ -123,9 +126,11 @@ def run_process(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, timeout=600, **kw)
 
 
-def killed_on_rename(target: Path, module: str, command: str, *args, cwd: Path | None = None) -> str:
-    """Run ``module.command`` in a process that is SIGKILLed when a file is renamed onto ``target``."""
-    argv = [sys.executable, "-c", KILL_ON_RENAME, os.path.abspath(target), module, command, *map(str, args)]
+def killed_on_rename(target: Path, module: str, command: str, *args, cwd: Path | None = None, nth: int = 1) -> str:
+    """Run ``module.command`` in a process that is SIGKILLed when a file is renamed onto ``target`` the ``nth``
+    time."""
+    argv = [sys.executable, "-c", KILL_ON_RENAME, os.path.abspath(target), str(nth), module, command,
+            *map(str, args)]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=cwd)
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout

@@ -17,7 +17,7 @@ from ecm.data.controls import Control
 from ecm.data.datasets import ProceduralShapes
 from ecm.model.adapters import ECM, ecm_config
 from ecm.model.embedded import load_backbone
-from ecm.train.adapters import ControlData, ECMTask
+from ecm.train.adapters import ControlData, ECMTask, InMemoryBatches
 from ecm.train.loop import Dist
 
 
@@ -35,7 +35,8 @@ def iteration_cost(iters: int = 30, batch: int = 32, strength: float = 0.8, warm
                        Control("canny", resolution=vae.config.resolution), vae, show=False)
     ecm = ECM(ecm_config(var.config, vae.config.downsample))
     opt = torch.optim.AdamW(ecm.parameters(), lr=1e-4)
-    tasks = {s: ECMTask(ecm.train(), var, data, batch, Dist(), s, 0.1) for s in (0.0, strength)}
+    tasks = {s: ECMTask(ecm.train(), var, InMemoryBatches(data, batch, Dist(), s, var.patch_nums), Dist(), 0.1)
+             for s in (0.0, strength)}
     stats: dict[float, dict[str, list[float]]] = {s: {"tokens": [], "sec": []} for s in tasks}
     progress(f"timing {iters} training iterations each, early-centric ({strength}) and full, alternating ...")
     for it in range(warmup + iters):

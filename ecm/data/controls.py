@@ -2,8 +2,9 @@
 
 Control types live in :mod:`ecm.runtime.controls`, shared with the torch-free runtime: ``canny``
 built in, more from plug-ins (entry-point group ``ecm.controls``) or :func:`register_control`.
-Maps made by any other tool come from a folder, paired with the images by file stem
-(``folder:<name>``). A new extractor takes a few lines::
+Maps made by any other tool come from a folder (``folder:<name>``), paired with the images by
+relative path (``depth/n01440764/x.png`` for ``train/n01440764/x.JPEG``) or, where unique, by stem.
+A new extractor takes a few lines::
 
     from ecm.data.controls import register_control
 
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ecm.runtime.controls import FOLDER, ControlType, canny_edges, control_type, register_control
 from ecm.runtime.errors import ECMError
@@ -30,14 +30,14 @@ __all__ = ["Control", "ControlType", "canny_edges", "register_control"]
 
 @dataclass
 class Control:
-    """A control type as training uses it: an extractor, or maps read from a folder paired by stem."""
+    """A control type as training uses it: an extractor, or maps read from a folder paired with the images."""
 
     spec: str
     folder: Path | None = None
     resolution: int = 256
     canny_low: int = 100
     canny_high: int = 200
-    _index: dict[str, Path] = field(default_factory=dict, repr=False)
+    _index: dict[str, Path] = field(default_factory=dict, repr=False)  # relative path without suffix, stem -> map
 
     def __post_init__(self) -> None:
         if self.spec.startswith(FOLDER):
@@ -48,7 +48,7 @@ class Control:
             if not Path(self.folder).is_dir():
                 raise ECMError(f"control folder {self.folder} for {self.spec!r} does not exist; "
                                "pass --control-dir with the folder of maps")
-            self._index = {p.stem: p for p in Path(self.folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+            self._index = _map_index(Path(self.folder))
         self.kind = control_type(self.spec)
         if not 0 <= self.canny_low <= self.canny_high:
             raise ECMError(f"Canny thresholds {self.canny_low} / {self.canny_high} must satisfy 0 <= low <= high")
@@ -62,32 +62,45 @@ class Control:
         """How the runtime prepares this control's conditions (also what the extractor is told)."""
         return ControlSpec(self.spec, self.resolution, self.canny_low, self.canny_high)
 
+    def map_path(self, image: Path) -> Path | None:
+        """The map paired with ``image``: the longest trailing part of its path (suffix dropped) the maps
+        folder holds, down to the bare stem."""
+        parts = Path(image).with_suffix("").parts
+        for k in range(len(parts)):
+            found = self._index.get("/".join(parts[k:]))
+            if found is not None:
+                return found
+        return None
+
     def check_pairs(self, image_paths: list[Path]) -> None:
-        """Every image needs a readable map: report the missing and unreadable ones by name, with counts."""
+        """Every image needs a map: report the missing ones by name, with counts (unreadable maps are found
+        when they are read)."""
         if not self.from_folder:
             return
-        missing = [p.name for p in image_paths if p.stem not in self._index]
+        missing = [p.name for p in image_paths if self.map_path(p) is None]
         if missing:
             raise ECMError(f"{len(missing)} of {len(image_paths)} images have no control map in "
-                           f"{self.folder} (matched by file stem): {_names(missing)}")
-        unreadable = []
-        for p in image_paths:
-            try:
-                with Image.open(self._index[p.stem]) as m:
-                    m.verify()
-            except Exception:  # PIL raises many types for a bad file
-                unreadable.append(self._index[p.stem].name)
-        if unreadable:
-            raise ECMError(f"{len(unreadable)} of {len(image_paths)} control maps in {self.folder} cannot be read: "
-                           f"{_names(unreadable)}; replace them")
+                           f"{self.folder} (matched by relative path or file stem): {_names(missing)}")
 
     def __call__(self, img_HW3: np.ndarray, path: Path | None = None) -> np.ndarray:
         """The control map of one image as uint8 (H, W, 3)."""
         if not self.from_folder:
             return self.kind.extract(img_HW3, self.manifest_spec)
-        if path is None or path.stem not in self._index:
+        found = self.map_path(path) if path is not None else None
+        if found is None:
             raise ECMError(f"no control map for {path} in {self.folder}")
-        return preprocess(read_image(self._index[path.stem], "control map"), self.resolution)
+        return preprocess(read_image(found, "control map"), self.resolution)
+
+
+def _map_index(folder: Path) -> dict[str, Path]:
+    """Maps under ``folder`` by relative path without suffix, and by stem where no two share one."""
+    maps = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    index = {p.relative_to(folder).with_suffix("").as_posix(): p for p in maps}
+    stems: dict[str, list[Path]] = {}
+    for p in maps:
+        stems.setdefault(p.stem, []).append(p)
+    index.update({stem: ps[0] for stem, ps in stems.items() if len(ps) == 1 and stem not in index})
+    return index
 
 
 def _names(names: list[str], n: int = 5) -> str:

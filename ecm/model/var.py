@@ -217,18 +217,21 @@ class VAR(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, ecm: Steering | None = None,
-                ctrl_BLD: torch.Tensor | None = None, num_scales: int | None = None) -> torch.Tensor:
+                ctrl_BLD: torch.Tensor | None = None, num_scales: int | None = None,
+                drop_B: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) for all scales at once.
 
         As in the official code, labels are replaced by the unconditional class with probability
-        ``cond_drop_rate`` (also in eval mode; set it to 0 for deterministic checks). With ``ecm``
+        ``cond_drop_rate`` (also in eval mode; set it to 0 for deterministic checks), or where the
+        boolean ``drop_B`` says so when the caller draws the coin flips itself. With ``ecm``
         and its control tokens the adapters run too. ``num_scales`` keeps only the first scales:
         block-causal attention makes any prefix a valid sequence (early-centric training).
         """
         B = x_BLCv_wo_first_l.shape[0]
         ed = self.begin_ends[(num_scales or len(self.patch_nums)) - 1][1]
-        drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
-        label_B = torch.where(drop, self.num_classes, label_B)
+        if drop_B is None:
+            drop_B = torch.rand(B, device=label_B.device) < self.cond_drop_rate
+        label_B = torch.where(drop_B, self.num_classes, label_B)
         cond_BD = self.class_cond(label_B)
         x_BLCv = x_BLCv_wo_first_l[:, : ed - self.first_l].float()
         rest_BLC = self.word_embed(x_BLCv) + self.lvl_pos()[:, self.first_l:ed]

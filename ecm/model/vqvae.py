@@ -223,8 +223,12 @@ class MultiScaleQuantizer(nn.Module):
         return d_NV.argmin(dim=1)
 
     def split(self, tokens_BL: torch.Tensor) -> list[torch.Tensor]:
-        """Flat tokens (B, L) -> one (B, pn*pn) token map per scale."""
-        return list(tokens_BL.split([pn * pn for pn in self.patch_nums], dim=1))
+        """Flat tokens (B, L) -> one (B, pn*pn) token map per scale; a prefix of the scales gives their maps."""
+        sizes = [pn * pn for pn in self.patch_nums]
+        k = next((k for k in range(1, len(sizes) + 1) if sum(sizes[:k]) == tokens_BL.shape[1]), None)
+        if k is None:
+            raise ValueError(f"{tokens_BL.shape[1]} tokens are not the first scales of {self.patch_nums}")
+        return list(tokens_BL.split(sizes[:k], dim=1))
 
     def embed(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
         """Codebook vectors of a pn x pn token map: (B, pn*pn) -> (B, Cvae, pn, pn)."""

@@ -10,8 +10,9 @@ training. Control dropout replaces the control of a sample by none, so CFG can d
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from ecm.model.pixels import to_model_range
 from ecm.model.var import VAR
 from ecm.model.vqvae import VQVAE
 from ecm.runtime.errors import CheckpointError
+from ecm.runtime.scales import prefix_ends
 from ecm.train.loop import Dist, TrainSpec, batch_indices, cross_entropy, fit
 from ecm.train.pretrain import tokenize
 
@@ -75,29 +77,65 @@ class ControlData:
         return label, to_model_range(self.controls[idx]).to(device), self.tokens_NL[idx].long().to(device)
 
 
-class ECMTask(nn.Module):
-    """Teacher-forced loss of backbone + ECM; only the ECM has trainable parameters."""
+@dataclass
+class Batch:
+    """One step's samples on this process: labels, control images in [-1, 1], the tokens of the scales it
+    trains on (early-centric: a prefix), and where its samples sit in the step's global batch."""
 
-    def __init__(self, ecm: ECM, var: VAR, data: ControlData, batch: int, dist: Dist,
-                 early_centric: float, control_drop: float):
+    label_B: torch.Tensor
+    ctrl_B3HW: torch.Tensor
+    tokens_BL: torch.Tensor
+    num_scales: int
+    positions_B: np.ndarray  # indices into the global batch of every process together
+
+
+class Batches(Protocol):
+    """Where a training step takes its batch from: ``(step, rng) -> Batch``."""
+
+    def __call__(self, step: int, rng: np.random.Generator) -> Batch: ...
+
+
+class InMemoryBatches:
+    """Batches drawn with replacement from a :class:`ControlData` held in memory (the procedural demo)."""
+
+    def __init__(self, data: ControlData, batch: int, dist: Dist, early_centric: float, patch_nums: tuple[int, ...]):
+        self.data, self.batch, self.dist = data, batch, dist
+        self.early_centric, self.ends = early_centric, prefix_ends(patch_nums)
+
+    def __call__(self, step: int, rng: np.random.Generator) -> Batch:
+        label, ctrl, tokens_BL = self.data.batch(batch_indices(rng, len(self.data), self.batch, self.dist),
+                                                 self.dist.device)
+        K = sample_num_scales(rng, len(self.ends), self.early_centric)
+        r, B = self.dist.rank, self.batch
+        return Batch(label, ctrl, tokens_BL[:, :self.ends[K - 1]], K, np.arange(r * B, (r + 1) * B))
+
+
+class ECMTask(nn.Module):
+    """Teacher-forced loss of backbone + ECM; only the ECM has trainable parameters.
+
+    The control and class dropout coin flips are drawn for the step's global batch and each process
+    takes those of its own samples, so a run on several processes is the same run as on one.
+    """
+
+    def __init__(self, ecm: ECM, var: VAR, batches: Batches, dist: Dist, control_drop: float):
         super().__init__()
-        self.ecm, self.data, self.batch, self.dist = ecm, data, batch, dist
-        self.early_centric, self.control_drop = early_centric, control_drop
+        self.ecm, self.batches, self.dist, self.control_drop = ecm, batches, dist, control_drop
         self.backbone = (var,)  # frozen: kept out of the trained module's parameters
 
     def forward(self, step: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
         var = self.backbone[0]
-        label, ctrl, tokens_BL = self.data.batch(batch_indices(rng, len(self.data), self.batch, self.dist),
-                                                 self.dist.device)
-        K = sample_num_scales(rng, len(var.patch_nums), self.early_centric)
-        ed = var.begin_ends[K - 1][1]
+        b = self.batches(step, rng)
+        K, ed = b.num_scales, b.tokens_BL.shape[1]
         quant = var.vae.quantize
         with torch.no_grad():
-            x_BLCv = quant.idxBl_to_var_input(quant.split(tokens_BL), num_scales=K)
-        keep_B = torch.from_numpy(rng.random(label.shape[0]) >= self.control_drop).to(label.device)
-        ctrl_BLD = self.ecm.control_tokens(ctrl, keep_B, num_scales=K)
-        logits = var(label, x_BLCv, self.ecm, ctrl_BLD, num_scales=K)
-        return cross_entropy(logits, tokens_BL[:, :ed]), label.shape[0] * ed
+            x_BLCv = quant.idxBl_to_var_input(quant.split(b.tokens_BL), num_scales=K)
+        flips = rng.random((2, len(b.positions_B) * self.dist.world))[:, b.positions_B]
+        device = b.label_B.device
+        keep_B = torch.from_numpy(flips[0] >= self.control_drop).to(device)
+        drop_B = torch.from_numpy(flips[1] < var.cond_drop_rate).to(device)
+        ctrl_BLD = self.ecm.control_tokens(b.ctrl_B3HW, keep_B, num_scales=K)
+        logits = var(b.label_B, x_BLCv, self.ecm, ctrl_BLD, num_scales=K, drop_B=drop_B)
+        return cross_entropy(logits, b.tokens_BL), b.label_B.shape[0] * ed
 
 
 RUN_RECORD = "run.json"
@@ -123,10 +161,12 @@ def trained_backbone(ecm_path: str | Path) -> tuple[Path | None, Path | None]:
     return paths[0], paths[1]
 
 
-def train_ecm(ecm: ECM, var: VAR, data: ControlData, out_dir: Path, spec: TrainSpec, control: str,
+def train_ecm(ecm: ECM, var: VAR, data: ControlData | Batches, out_dir: Path, spec: TrainSpec, control: str,
               early_centric: float, control_drop: float, dist: Dist | None = None, resume: bool = False) -> list[dict]:
     """Train the adapters into ``out_dir/ecm.safetensors``; the backbone is checked to stay frozen.
 
+    ``data``: samples held in memory (drawn with replacement, early-centric by ``early_centric``) or
+    batches streamed from a cache (:class:`ecm.train.stream.StreamBatches`, which draw the cut themselves).
     With ``resume``, ``ecm`` must have the config of the run's checkpoint (see :func:`load_ecm`).
     """
     dist = dist or Dist()
@@ -146,7 +186,9 @@ def train_ecm(ecm: ECM, var: VAR, data: ControlData, out_dir: Path, spec: TrainS
         save_ecm(ecm, path, backbone_hash, control, step,
                  {"early_centric": early_centric, "spec": asdict(spec)})
 
-    task = ECMTask(ecm.train(), var, data, spec.batch, dist, early_centric, control_drop)
+    if isinstance(data, ControlData):
+        data = InMemoryBatches(data, spec.batch, dist, early_centric, var.patch_nums)
+    task = ECMTask(ecm.train(), var, data, dist, control_drop)
     records = fit(task, spec, Path(out_dir), save, f"ecm-{control}", dist, resume_from)
     if any(p.grad is not None for p in var.parameters()) or tensor_hash(var.state_dict(), exact=True) != exact_before:
         raise RuntimeError("the frozen backbone received a gradient or changed during ECM training")

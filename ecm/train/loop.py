@@ -79,6 +79,14 @@ def setup_distributed(device: str | None = None) -> Dist:
     return Dist(0, 1, dev)
 
 
+def barrier(dist: Dist) -> None:
+    """Wait until every process of the job is here (nothing to wait for alone)."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
 def batch_indices(rng: np.random.Generator, n: int, batch: int, dist: Dist) -> np.ndarray:
     """This rank's share of the step's global batch (drawn with replacement, reproducibly)."""
     idx = rng.integers(0, n, batch * dist.world)
@@ -116,7 +124,7 @@ def fit(task: nn.Module, spec: TrainSpec, out_dir: Path, save: Callable[[int], N
                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
     start = 0
     if resume_from is not None:
-        start = load_train_state(out_dir, task, opt, spec, resume_from)
+        start = load_train_state(out_dir, task, opt, spec, resume_from, dist.world)
         if dist.main:
             trim_log(out_dir / "log.jsonl", start)
     model: nn.Module = task
@@ -144,8 +152,9 @@ def fit(task: nn.Module, spec: TrainSpec, out_dir: Path, save: Callable[[int], N
                                "--resume from the last checkpoint")
             opt.step()
             dt = time.perf_counter() - t0
-            rec = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step, spec), "grad_norm": float(grad_norm),
-                   "tokens": tokens * dist.world, "tok_per_s": tokens * dist.world / dt, "sec": dt}
+            rec = {"step": step + 1, "loss": global_mean(loss.detach(), dist), "lr": lr_at(step, spec),
+                   "grad_norm": float(grad_norm), "tokens": tokens * dist.world,
+                   "tok_per_s": tokens * dist.world / dt, "sec": dt}
             records.append(rec)
             if dist.main:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}")
@@ -153,22 +162,35 @@ def fit(task: nn.Module, spec: TrainSpec, out_dir: Path, save: Callable[[int], N
                 log.flush()
                 if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
                     save(step + 1)
-                    save_train_state(out_dir, task, opt, step + 1, spec)
+                    save_train_state(out_dir, task, opt, step + 1, spec, dist.world)
     return records
 
 
-def save_train_state(out_dir: Path, task: nn.Module, opt: torch.optim.Optimizer, step: int, spec: TrainSpec) -> None:
-    """What ``--resume`` needs, in one atomic file: the trained weights, optimizer state, step and settings.
+def global_mean(x: torch.Tensor, dist: Dist) -> float:
+    """The mean of a scalar over every process: the loss of the whole batch, as one process would log it."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        x = x.clone()
+        tdist.all_reduce(x)
+        x /= dist.world
+    return x.item()
+
+
+def save_train_state(out_dir: Path, task: nn.Module, opt: torch.optim.Optimizer, step: int, spec: TrainSpec,
+                     world: int = 1) -> None:
+    """What ``--resume`` needs, in one atomic file: the trained weights, optimizer state, step, settings and
+    number of processes (which shapes every step's global batch).
 
     Written after the weights file, so a run stopped between the two writes resumes from here.
     """
     with atomic_path(out_dir / "train_state.pt") as tmp:
-        torch.save({"step": step, "model": task.state_dict(), "optimizer": opt.state_dict(), "spec": asdict(spec)},
-                   tmp)
+        torch.save({"step": step, "model": task.state_dict(), "optimizer": opt.state_dict(), "spec": asdict(spec),
+                    "world": world}, tmp)
 
 
 def load_train_state(out_dir: Path, task: nn.Module, opt: torch.optim.Optimizer, spec: TrainSpec,
-                     weights_step: int) -> int:
+                     weights_step: int, world: int = 1) -> int:
     """Restore the weights and optimizer of the last resume point; refuse settings that differ from the
     run's (more steps are fine). ``weights_step``: the step of the weights file the caller loaded."""
     path = out_dir / "train_state.pt"
@@ -187,6 +209,8 @@ def load_train_state(out_dir: Path, task: nn.Module, opt: torch.optim.Optimizer,
                               f"step {step} (the run stopped between the two writes); start the run again")
     saved = {k: v for k, v in state.get("spec", {}).items() if k != "steps"}
     changed = [f"{k} {v} -> {getattr(spec, k)}" for k, v in saved.items() if getattr(spec, k, v) != v]
+    if state.get("world", 1) != world:
+        changed.append(f"processes {state.get('world', 1)} -> {world}")
     if changed:
         raise CheckpointError(f"--resume with other settings than the run in {out_dir} ({', '.join(changed)}); "
                               "resume with the original ones")
