@@ -90,9 +90,10 @@ def prepare_condition(img: Image.Image, spec: ControlSpec, extract: bool = False
     """The control graph's input for one image: uint8 (R, R, 3).
 
     ``extract``: ``img`` is a photo and its map is computed here with the control's extractor, as in
-    training. Otherwise it is the map itself: used as is at the model's size, else resized like
-    training images. A binary control's map (Canny edges) must be essentially black and white, or
-    this fails naming ``source``; it is made two-valued again after resizing. ``raw`` skips both.
+    training. Otherwise it is the map itself: used as is at the model's size, enlarged by repeating
+    pixels at its control's small size (``lowres``: a quarter), else resized like training images.
+    A binary control's map (Canny edges) must be essentially black and white, or this fails naming
+    ``source``; it is made two-valued again after resizing. ``raw`` skips both.
     """
     R = spec.resolution
     if extract:
@@ -106,7 +107,10 @@ def prepare_condition(img: Image.Image, spec: ControlSpec, extract: bool = False
         raise ECMError(f"{source} does not look like a {spec.type} map (it is not black and white: "
                        f"{100 * greyness(arr):.0f}% grey, maps are under {100 * MAX_GREYNESS:.0f}%); pass {how}, "
                        "or --raw-cond to use it as it is")
-    if rgb.size != (R, R):
+    scale = kind.map_scale if kind is not None else 1
+    if scale > 1 and rgb.size == (R // scale, R // scale):
+        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+    elif rgb.size != (R, R):
         arr = preprocess(rgb, R)
     if binary:
         arr = to_rgb_map(np.where(arr.max(axis=2) > 127, 255, 0).astype(np.uint8))
