@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from ecm.calibration.quantize import Parts, per_channel, rewritten
 from ecm.export.onnx_files import Graph, Value
+from ecm.runtime.controls import psnr
 from ecm.runtime.ort_backend import session_options
 from onnx import helper, shape_inference
 
@@ -31,12 +32,6 @@ SENSITIVITY_LATENTS = 2  # check latents that measure one convolution's error al
 MEASURED_SHARE = 0.05  # convolutions with this share of the FLOPs or more have their image error measured alone
 F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
 U8_MAX = 255
-
-
-def psnr(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Peak signal-to-noise ratio of two sets of uint8 images over all their pixels, dB (inf when equal)."""
-    mse = float(np.mean([np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2) for x, y in zip(a, b)]))
-    return float("inf") if mse == 0 else 10 * np.log10(U8_MAX**2 / mse)
 
 
 def convolutions(g: Graph) -> list[onnx.NodeProto]:
@@ -212,7 +207,7 @@ def quantize_decoder(src: Path, dst: Path, calib: list[np.ndarray], check: list[
         def quality(names: list[str], n: int = len(check)) -> float:  # over the first n check latents
             path = Path(tmp) / f"decoder-{len(names)}.onnx"
             quantize_convs(src, path, ranges, names)
-            return psnr(want[:n], decode(path, check[:n]))
+            return psnr(np.stack(want[:n]), np.stack(decode(path, check[:n])))
 
         order = sorted(costs, key=lambda name: -costs[name])
         best = quality(order)
@@ -237,4 +232,4 @@ def quantize_decoder(src: Path, dst: Path, calib: list[np.ndarray], check: list[
 
 def decoder_psnr(fp32: Path, int8: Path, latents: list[np.ndarray]) -> float:
     """The PSNR of ``int8``'s images against ``fp32``'s over all of them, decoded from ``latents``, dB."""
-    return psnr(decode(fp32, latents), decode(int8, latents))
+    return psnr(np.stack(decode(fp32, latents)), np.stack(decode(int8, latents)))

@@ -30,26 +30,28 @@ def trim_heap() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def proc_mb(field: str, path: str = "/proc/self/status") -> float:
+    """A kB field of a /proc file (``VmRSS`` of /proc/self/status, ``Pss`` of /proc/PID/smaps_rollup), MiB;
+    OSError when the file or the field is not there."""
+    for line in Path(path).read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise OSError(f"{field} not in /proc/self/status")
+    raise OSError(f"{field} not in {path}")
 
 
 def rss_mb() -> float:
     """Resident set size now, MiB (Linux)."""
-    return _status_mb("VmRSS")
+    return proc_mb("VmRSS")
 
 
 def rss_split_mb() -> tuple[float, float]:
     """(anonymous, file-backed) resident memory now, MiB: allocations vs mapped files such as library code."""
-    return _status_mb("RssAnon"), _status_mb("RssFile")
+    return proc_mb("RssAnon"), proc_mb("RssFile")
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, MiB (Linux)."""
-    return _status_mb("VmHWM")
+    return proc_mb("VmHWM")
 
 
 def graph_bytes(folder: str | Path, m: Manifest | None = None, cpu: bool = True) -> dict[str, int]:

@@ -26,6 +26,7 @@ from ecm.data.cache import TokenCache
 from ecm.data.datasets import SHAPES, ProceduralShapes
 from ecm.model.adapters import ECM, ecm_config
 from ecm.model.var import VAR
+from ecm.runtime.memory import proc_mb
 from ecm.runtime.scales import prefix_ends
 from ecm.train.adapters import ECMTask
 from ecm.train.loop import Dist
@@ -48,14 +49,12 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _field_kb(path: str, name: str) -> int:
+def _mb(field: str, path: str) -> float:
+    """A /proc figure of a process of the tree, 0 once the process has gone."""
     try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
+        return proc_mb(field, path)
     except OSError:
-        pass
-    return 0
+        return 0.0
 
 
 def tree_memory(pid: int) -> dict[str, float]:
@@ -66,9 +65,9 @@ def tree_memory(pid: int) -> dict[str, float]:
         p = todo.pop()
         tree.append(p)
         todo += kids.get(p, [])
-    rss = [_field_kb(f"/proc/{p}/status", "VmRSS") for p in tree]
-    pss = [_field_kb(f"/proc/{p}/smaps_rollup", "Pss") for p in tree]
-    return {"main_rss": rss[0] / 1024, "tree_rss": sum(rss) / 1024, "tree_pss": sum(pss) / 1024}
+    rss = [_mb("VmRSS", f"/proc/{p}/status") for p in tree]
+    pss = [_mb("Pss", f"/proc/{p}/smaps_rollup") for p in tree]
+    return {"main_rss": rss[0], "tree_rss": sum(rss), "tree_pss": sum(pss)}
 
 
 def measured(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> dict[str, float]:

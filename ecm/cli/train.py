@@ -184,9 +184,9 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
         ds = _dataset(None, resolution, num_images, seed)
         source, classes, steps = ControlData(ds, ctrl, vae, show=dist.main), len(ds.classes), steps or 600
     else:
-        source, steps = _stream(Path(data), cached, ctrl, control, canny_low, canny_high, vae, vae_path, out,
-                                batch, dist, seed, early_centric, steps, epochs, workers)
-        classes = len(source.cache.info.classes)
+        source = _stream(Path(data), cached, ctrl, control, canny_low, canny_high, vae, vae_path, out, batch, dist,
+                         seed, early_centric, steps, epochs, workers)
+        classes, steps = len(source.cache.info.classes), source.steps
     if classes > var.num_classes:
         raise ECMError(f"the data has {classes} classes but the backbone knows {var.num_classes}; "
                        "use data with the backbone's classes or pretrain a backbone on it")
@@ -207,10 +207,10 @@ def train(control, control_dir, canny_low, canny_high, data, vae_path, var_path,
 
 def _stream(data: Path, cached: bool, ctrl: Control | None, control: str, canny_low: int, canny_high: int,
             vae: VQVAE, vae_path: str | None, out: Path, batch: int, dist: Dist, seed: int, early_centric: float,
-            steps: int | None, epochs: float | None, workers: int) -> tuple[StreamBatches, int]:
+            steps: int | None, epochs: float | None, workers: int) -> StreamBatches:
     """Batches streamed from the cache ``data``, or from a cache of the folder ``data`` made in the run folder
-    (opened as it is once complete: a resumed run does not scan the folder again); and the number of steps
-    (``--epochs`` counted in steps of this job's global batch)."""
+    (opened as it is once complete: a resumed run does not scan the folder again), for ``steps`` steps or
+    ``epochs`` counted in steps of this job's global batch."""
     import math
 
     from ecm.data.cache import CacheInfo, TokenCache, is_cache
@@ -231,4 +231,4 @@ def _stream(data: Path, cached: bool, ctrl: Control | None, control: str, canny_
     if dist.main:
         click.echo(f"{len(cache)} images in {cache.folder}: {stream.per_epoch} steps per epoch of {batch} x "
                    f"{dist.world} images; {stream.steps} steps = {stream.steps / stream.per_epoch:.2f} epochs")
-    return stream, stream.steps
+    return stream

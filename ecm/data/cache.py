@@ -28,6 +28,7 @@ import numpy as np
 
 from ecm.runtime.errors import ECMError, first_line
 from ecm.runtime.files import write_json
+from ecm.runtime.scales import total_tokens
 
 CACHE_FILE = "cache.json"
 FILES = "files.txt"
@@ -67,7 +68,7 @@ class CacheKey:
     @property
     def num_tokens(self) -> int:
         """L, the tokens of one image over every scale."""
-        return sum(pn * pn for pn in self.patch_nums)
+        return total_tokens(self.patch_nums)
 
     def differences(self, other: CacheKey) -> list[str]:
         """'field mine -> theirs' for every field that differs."""

@@ -72,7 +72,6 @@ class InMemory:
         first, _ = dataset[0]
         self.images = np.empty((n, *first.shape), dtype=np.uint8)
         self.labels = np.empty(n, dtype=np.int64)
-        self.paths = [item[0] for item in dataset.items] if hasattr(dataset, "items") else None
         self.num_classes = len(dataset.classes)
         for i in tqdm(range(n), desc=desc, unit="img", dynamic_ncols=True):
             self.images[i], self.labels[i] = dataset[i]

@@ -40,7 +40,8 @@ def sample_num_scales(rng: np.random.Generator, num_scales: int, strength: float
 
 
 class ControlData:
-    """Labels, control maps and the frozen VQVAE's tokens of a dataset, as arrays.
+    """Labels, control maps and the frozen VQVAE's tokens of a dataset whose maps are extracted (the
+    procedural set), as arrays; image folders are prepared into caches and streamed instead.
 
     Made once, before training, with its own progress bar: each image is read, its control map
     made and its tokens computed (the VQVAE is frozen and the images fixed, so no step re-encodes).
@@ -49,9 +50,6 @@ class ControlData:
 
     def __init__(self, dataset: Dataset, control: Control, vae: VQVAE, batch: int = 64, show: bool = True):
         n = len(dataset)
-        paths = [item[0] for item in dataset.items] if hasattr(dataset, "items") else [None] * n
-        if hasattr(dataset, "items"):
-            control.check_pairs(paths)
         self.labels = np.empty(n, np.int64)
         self.controls = np.empty((n, control.resolution, control.resolution, 3), np.uint8)
         chunks = []
@@ -59,7 +57,7 @@ class ControlData:
                   dynamic_ncols=True) as bar:
             for b in range(0, n, batch):
                 images = np.stack([self._take(dataset, i) for i in range(b, min(n, b + batch))])
-                self.controls[b:b + len(images)] = [control(img, paths[b + j]) for j, img in enumerate(images)]
+                self.controls[b:b + len(images)] = [control(img) for img in images]
                 chunks.append(tokenize(vae, images, batch, show=False))
                 bar.update(len(images))
         self.tokens_NL = torch.cat(chunks)

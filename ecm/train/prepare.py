@@ -129,8 +129,7 @@ def _map_format(source: Source, control: Control) -> str:
         return "bits"
     for rel, _ in source.files:
         try:
-            path = source.root / rel
-            m = control(preprocess(read_image(path, "image"), control.resolution), path)
+            _, m = _read(source.root, rel, control, "rgb")
         except ECMError:
             continue
         return "grey" if _is_grey(m) else "rgb"
@@ -171,7 +170,7 @@ def write_shard(out: Path, info: CacheInfo, i: int, root: Path, lines: list[tupl
         progress(len(lines) % batch)
     res = info.key.resolution
     if images:
-        tokens = tokenize(vae, np.stack(images), batch, show=False).numpy().astype(info.token_dtype)
+        tokens = tokenize(vae, np.stack(images), batch, show=False).numpy()
     else:
         tokens = np.empty((0, info.key.num_tokens), info.token_dtype)
     arrays = {"tokens": tokens, "labels": np.asarray(labels, index_dtype(len(info.classes))),
@@ -256,8 +255,12 @@ def _work(i: int, lines: list[tuple[str, int]]) -> tuple[int, int, str]:
 
 
 def _first_bad(out: Path, i: int) -> str:
-    text = (Path(out) / shard_name(i) / BAD).read_text(**TEXT)
-    return text.split("\t", 1)[1].splitlines()[0] if text else ""
+    return _first_reason((Path(out) / shard_name(i) / BAD).read_text(**TEXT))
+
+
+def _first_reason(bad: str) -> str:
+    """Why the first image of a bad.txt text could not be read ('' when none)."""
+    return bad.split("\t", 1)[1].splitlines()[0] if bad else ""
 
 
 def prepare_share(recipe: Recipe, source: Source, vae: VQVAE, info: CacheInfo, share: int, shares: int,
@@ -325,16 +328,13 @@ def _size(n: float) -> str:
 
 
 def finish(out: Path, max_bad: float) -> None:
-    """Check that every shard is in, gather the unreadable images into bad.txt and mark the cache complete."""
+    """Gather the unreadable images of every shard (all of them are in) into bad.txt and mark the cache
+    complete."""
     out = Path(out)
     info = CacheInfo.load(out)
-    missing = [i for i in range(info.num_shards) if not (out / shard_name(i)).is_dir()]
-    if missing:
-        raise ECMError(f"the cache {out} lacks {len(missing)} of {info.num_shards} shards (another process stopped?); "
-                       "run the same ecm-prepare command again to finish it")
     bad = "".join((out / shard_name(i) / BAD).read_text(**TEXT) for i in range(info.num_shards))
     num_bad = bad.count("\n")
-    error = too_many_bad(num_bad, info, max_bad, out, bad.split("\t", 1)[1].splitlines()[0] if bad else "")
+    error = too_many_bad(num_bad, info, max_bad, out, _first_reason(bad))
     if error:
         raise error
     with atomic_path(out / BAD) as tmp:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ecm.data.cache import index_dtype
 from ecm.data.datasets import InMemory
 from ecm.model.checkpoint import checkpoint_step, save_model
 from ecm.model.config import VARConfig, VQVAEConfig
@@ -53,7 +54,7 @@ def tokenize(vae: VQVAE, images_NHW3: np.ndarray, batch: int = 64, show: bool = 
     ``show``: a progress bar.
     """
     device = next(vae.parameters()).device
-    dtype = torch.int16 if vae.config.vocab_size <= 32768 else torch.int32
+    dtype = getattr(torch, index_dtype(vae.config.vocab_size).name)  # the caches' rule: int16 for 4096 codes
     chunks = []
     for b in tqdm(range(0, len(images_NHW3), batch), desc="tokenizing", unit="batch", disable=not show,
                   dynamic_ncols=True):
