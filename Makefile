@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= train,export,cpu,dev
 
 .PHONY: setup demo test test-all lint clean default-model bench bench-d16 bench-memory bench-early-centric \
-        bench-runtime bench-int8 bench-data
+        bench-runtime bench-int8 bench-data bench-compose
 
 setup: $(VENV)/.installed
 
@@ -19,12 +19,20 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: the torch-free runtime (ecm-run, ONNX Runtime on the CPU) generates four images for each
-# bundled Canny condition with the embedded default model (exported to ONNX once, into ~/.cache/ecm).
+# bundled Canny condition with the embedded default model (exported to ONNX once, into ~/.cache/ecm); then
+# one row that combines Canny and lowres conditions, and one that inpaints a photo (class 5: diamonds).
 SAMPLES := $(sort $(wildcard ecm/assets/samples/*.png))
+EDIT    := ecm/assets/samples/edit
 demo: setup
 	$(BIN)/ecm-run $(foreach f,$(SAMPLES),--cond $(f) --class $(firstword $(subst _, ,$(notdir $(f))))) \
 	    -n 4 --out demo.png
-	@echo "demo picture: $(CURDIR)/demo.png  (each row: the condition, then four samples)"
+	$(BIN)/ecm-run --cond canny=$(EDIT)/edges.png --cond lowres=$(EDIT)/small.png --control-weight canny=1,lowres=1 \
+	    --class 5 -n 4 --out demo_combined.png
+	$(BIN)/ecm-run --init $(EDIT)/photo.png --mask $(EDIT)/mask.png --cond canny=$(EDIT)/edges.png \
+	    --class 5 -n 4 --out demo_inpaint.png
+	@echo "demo pictures: $(CURDIR)/demo.png  (each row: the condition, then four samples)"
+	@echo "               $(CURDIR)/demo_combined.png  (Canny and lowres conditions, then four samples)"
+	@echo "               $(CURDIR)/demo_inpaint.png  (the condition, the photo with the region to generate greyed, four samples)"
 
 test: setup
 	$(BIN)/ruff check .
@@ -33,12 +41,15 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-# Reproduce the embedded default model (about an hour on two CPU cores), then pack it as fp16.
+# Reproduce the embedded default model (about 1.5 hours on two CPU cores), then pack it as fp16.
 default-model: setup
 	$(BIN)/ecm-pretrain --out runs/default/backbone
 	$(BIN)/ecm-train --control canny --vae runs/default/backbone/vqvae.safetensors \
 	    --var runs/default/backbone/var.safetensors --steps 6000 --out runs/default/ecm-canny
-	$(BIN)/ecm-pack-default --backbone runs/default/backbone --ecm runs/default/ecm-canny/ecm.safetensors
+	$(BIN)/ecm-train --control lowres --vae runs/default/backbone/vqvae.safetensors \
+	    --var runs/default/backbone/var.safetensors --steps 6000 --out runs/default/ecm-lowres
+	$(BIN)/ecm-pack-default --backbone runs/default/backbone --ecm runs/default/ecm-canny/ecm.safetensors \
+	    --ecm runs/default/ecm-lowres/ecm.safetensors
 
 # Every speed and size figure side by side (about ten minutes on two CPU cores): ecm-bench.png, ecm-bench.json.
 bench: setup
@@ -57,6 +68,10 @@ bench-memory: setup
 # the loader against the training step, d16 at 256 px on real photos (about 25 minutes): data-pipeline.json.
 bench-data: setup
 	$(BIN)/python benchmarks/data_pipeline.py --json data-pipeline.json
+
+# Several controls at once, inpainting and outpainting on the embedded default (a few minutes): composable.json.
+bench-compose: setup
+	$(BIN)/python benchmarks/composable.py --json composable.json
 
 bench-early-centric: setup
 	$(BIN)/python benchmarks/early_centric.py

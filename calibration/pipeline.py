@@ -41,7 +41,7 @@ from ecm.runtime.errors import ConfigError
 from ecm.runtime.files import cache_dir
 from ecm.runtime.manifest import CPU_FORM, Manifest, graph_file
 
-from ecm.model.adapters import ECM
+from ecm.model.adapters import ControlMix
 from ecm.model.var import VAR
 
 WEIGHT_ONLY_OPSET = 19  # DequantizeLinear with fp16 scales
@@ -83,14 +83,14 @@ class Int8Quantizer:
         self.cset: CalibrationSet | None = None
         self.reference: Reference | None = None
 
-    def record(self, var: VAR, ecm: ECM | None, m: Manifest, progress: Progress) -> None:
+    def record(self, var: VAR, mix: ControlMix | None, m: Manifest, progress: Progress) -> None:
         calib = self.calib
         if calib.activations != "fp16":
             cache = calib.cache or cache_dir() / "calibration"
-            self.cset = calibration_set(var, ecm, m, calib.source, cache, calib.samples, calib.batch, self.bar,
+            self.cset = calibration_set(var, mix, m, calib.source, cache, calib.samples, calib.batch, self.bar,
                                         progress)
         progress(f"generating {calib.report_images} eager reference images for the INT8 report ...")
-        self.reference = eager_reference(var, ecm, m, calib.report_images)
+        self.reference = eager_reference(var, mix, m, calib.report_images)
 
     def apply(self, tmp: Path, m: Manifest, progress: Progress) -> VerifyReport:
         calib, cset = self.calib, self.cset
@@ -100,6 +100,10 @@ class Int8Quantizer:
             for name in m.graphs.values():
                 for path in tmp.glob(name + "*"):
                     os.replace(path, fp32 / path.name)
+            for role, name in m.graphs.items():  # what INT8 leaves as it is: the image encoder, further controls
+                if role not in QUANTIZED_ROLES and role != "decoder":
+                    for path in fp32.glob(name + "*"):
+                        shutil.copy2(path, tmp / path.name)
             m.save(fp32)
             reference = Manifest.load(fp32)  # m itself gains the CPU forms below
             roles = [role for role in QUANTIZED_ROLES if role in m.graphs]

@@ -33,7 +33,7 @@ from ecm.runtime.ort_backend import OrtBackend, Taps
 from ecm.runtime.sampling import cfg_weight, draw_uniforms
 from onnx import helper
 
-from ecm.model.adapters import ECM
+from ecm.model.adapters import ControlMix
 from ecm.model.checkpoint import tensor_hash
 from ecm.model.pixels import to_model_range
 from ecm.model.var import VAR
@@ -59,11 +59,11 @@ class CalibrationMeta:
     format: int = FORMAT
 
 
-def model_fingerprint(var: VAR, ecm: ECM | None) -> str:
+def model_fingerprint(var: VAR, mix: ControlMix | None) -> str:
     """sha256 over every weight of the VQVAE, the VAR and the adapters (names, shapes, exact values)."""
     parts = {f"vae.{k}": v for k, v in var.vae.state_dict().items()}
     parts.update({f"var.{k}": v for k, v in var.state_dict().items()})
-    parts.update({f"ecm.{k}": v for k, v in (ecm.state_dict() if ecm is not None else {}).items()})
+    parts.update({f"ecm.{k}": v for k, v in (mix.state_dict() if mix is not None else {}).items()})
     return tensor_hash(parts, exact=True, length=64)
 
 
@@ -168,7 +168,7 @@ class CalibrationSet:
         return cset
 
 
-def record(var: VAR, ecm: ECM | None, m: Manifest, labels_N: np.ndarray, cond_NHW3: np.ndarray | None,
+def record(var: VAR, mix: ControlMix | None, m: Manifest, labels_N: np.ndarray, cond_NHW3: np.ndarray | None,
            folder: Path, meta: CalibrationMeta, bar: Bar = iter) -> CalibrationSet:
     """Generate with the eager model and write every batch's trajectory into ``folder`` (made atomically)."""
     sampling = Sampling(**meta.sampling)
@@ -180,7 +180,7 @@ def record(var: VAR, ecm: ECM | None, m: Manifest, labels_N: np.ndarray, cond_NH
             uniforms = draw_uniforms(CALIB_SEED + b, len(label), m.patch_nums)
             with torch.no_grad():
                 gen = var.generate(torch.from_numpy(label), cfg=sampling.cfg, top_k=sampling.top_k,
-                                   top_p=sampling.top_p, temperature=sampling.temperature, uniforms=uniforms, ecm=ecm,
+                                   top_p=sampling.top_p, temperature=sampling.temperature, uniforms=uniforms, ecm=mix,
                                    control_B3HW=None if cond is None else to_model_range(cond),
                                    candidates=m.candidates, decode=False, trace=True)
             arrays = {"labels": label, **({"cond": cond} if cond is not None else {})}
@@ -200,14 +200,14 @@ def record(var: VAR, ecm: ECM | None, m: Manifest, labels_N: np.ndarray, cond_NH
     return CalibrationSet(folder, meta)
 
 
-def calibration_set(var: VAR, ecm: ECM | None, m: Manifest, source: Path | None, cache: Path,
+def calibration_set(var: VAR, mix: ControlMix | None, m: Manifest, source: Path | None, cache: Path,
                     samples: int = DEFAULT_SAMPLES, batch: int = DEFAULT_BATCH, bar: Bar = iter,
                     progress: Callable[[str], None] = print) -> CalibrationSet:
     """The calibration set for this model and ``source``: recorded data given as ``source``, a cached
     recording, or a new one (conditions from the folder ``source``, else the procedural set)."""
     if samples < 1 or batch < 1:
         raise ConfigError(f"calibration needs at least one sample and a batch of one (got {samples}, {batch})")
-    fingerprint = model_fingerprint(var, ecm)
+    fingerprint = model_fingerprint(var, mix)
     if source is not None and (source / META_NAME).is_file():
         progress(f"calibration data: {source} (recorded earlier)")
         return CalibrationSet.load(source, fingerprint)
@@ -231,7 +231,7 @@ def calibration_set(var: VAR, ecm: ECM | None, m: Manifest, source: Path | None,
         except ConfigError:
             pass  # a damaged cache entry is recorded again
     progress(f"recording calibration data ({meta.samples} generations) into {folder} ...")
-    return record(var, ecm, m, labels, cond, folder, meta, bar)
+    return record(var, mix, m, labels, cond, folder, meta, bar)
 
 
 def teacher_forced(cset: CalibrationSet, backend: OrtBackend, m: Manifest) -> Iterator[Trajectory]:

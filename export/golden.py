@@ -13,7 +13,7 @@ from ecm.export.quiet import quiet
 from ecm.export.verify import conditions
 from ecm.runtime.files import atomic_path
 from ecm.runtime.loop import Arrays, Sampling, ScaleLoop
-from ecm.runtime.manifest import Manifest
+from ecm.runtime.manifest import Manifest, control_role
 from ecm.runtime.ort_backend import OrtBackend
 
 
@@ -30,8 +30,9 @@ def save_golden(folder: Path, m: Manifest) -> list[Path]:
         loop = ScaleLoop(m, backend, m.batch)
         traj = loop.run(labels, cond, sampling, record=True)  # leaves the full KV cache in the loop's buffers
     cases: list[tuple[str, str, Arrays]] = []
-    if cond is not None:
-        cases.append(("control", "control", {"cond": cond}))
+    if cond is not None:  # any uint8 image serves a comparison: every control encoder and the image encoder get it
+        cases += [(control_role(k), control_role(k), {"cond": cond}) for k in range(len(m.controls))]
+        cases.append(("encoder", "encoder", {"image": cond}))
     for si in golden_scales(m):
         pn = m.patch_nums[si]
         u = traj.uniforms[si].reshape(m.batch, pn, pn)

@@ -110,8 +110,9 @@ def smallest_fit(plan: MemoryPlan, batch: int = 1) -> str:
 
 def model_weight_bytes(var: VAR, ecm: ECM | None, precision: str) -> dict[str, int]:
     """What an export of ``var`` (+ ``ecm``; models without data, on the meta device, will do) would write:
-    backbone + adapters (step and control graphs) and decoder, at ``precision``. INT8 means the TensorRT form:
-    INT8 linear weights but the vocabulary head's, everything else fp16 (W8A16, the fp16 decoder)."""
+    backbone + adapters (step and control graphs), image encoder and decoder, at ``precision``. INT8 means the
+    TensorRT form: INT8 linear weights but the vocabulary head's, the encoder fp32, everything else fp16 (W8A16,
+    the fp16 decoder)."""
     per = {"fp32": 4, "fp16": 2, "int8": 2}[precision]
     nets = [net for net in (var, ecm) if net is not None]
     linear = {id(mod.weight) for net in nets for name, mod in net.named_modules()
@@ -120,4 +121,6 @@ def model_weight_bytes(var: VAR, ecm: ECM | None, precision: str) -> dict[str, i
                    for net in nets for p in net.parameters())
     vae = var.vae
     decoder = sum(p.numel() for mod in (vae.decoder, vae.post_quant_conv, vae.quantize) for p in mod.parameters())
-    return {"backbone + adapters": backbone, "decoder": decoder * per}
+    encoder = sum(p.numel() for mod in (vae.encoder, vae.quant_conv, vae.quantize) for p in mod.parameters())
+    return {"backbone + adapters": backbone, "encoder": encoder * (2 if precision == "fp16" else 4),
+            "decoder": decoder * per}

@@ -5,7 +5,8 @@ export was interrupted has no manifest and is never taken for a valid one)::
 
     var_ecm.json            manifest (runtime/manifest.py): shapes per scale, defaults, hashes
     var_ecm.onnx            step graph: one scale of backbone + merged adapters + sampling
-    var_ecm.control.onnx    control encoder (with ECM)
+    var_ecm.control.onnx    control encoder of the first control (var_ecm.control1.onnx of the second, ...)
+    var_ecm.encoder.onnx    VQVAE encoder + multi-scale quantizer: a known image's tokens (inpainting)
     var_ecm.decoder.onnx    VQVAE decoder -> uint8 image
     var_ecm.s<k>.onnx       fully static step graph of scale k (with --static-scales)
     var_ecm.verify.json     ONNX Runtime vs eager figures of this export
@@ -24,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
 from ecm.export.fold import fold_class_tables, fold_ecm_norms
-from ecm.export.graphs import ControlGraph, DecoderGraph, StepGraph
+from ecm.export.graphs import ControlGraph, DecoderGraph, EncoderGraph, StepGraph
 from ecm.export.memory_plan import decoder_feature_elements, memory_plan
 from ecm.export.onnx_export import DEFAULT_OPSET, MAX_CANDIDATES, check_opset, export_graph
 from ecm.export.precision import cast_matmuls
@@ -37,12 +38,21 @@ from ecm.export.tensorrt_ops import graph_problems
 from ecm.export.verify import VerifyReport, eager_reference, verify_export
 from ecm.runtime.errors import ConfigError, ECMError
 from ecm.runtime.files import file_sha256, write_json
-from ecm.runtime.manifest import CPU_FORM, MANIFEST_NAME, PRECISIONS, STEM, ControlSpec, Manifest, graph_file
+from ecm.runtime.manifest import (
+    CPU_FORM,
+    MANIFEST_NAME,
+    PRECISIONS,
+    STEM,
+    ControlSpec,
+    Manifest,
+    control_role,
+    graph_file,
+)
 from ecm.runtime.memory import graph_bytes, return_freed_memory, trim_heap
 from ecm.runtime.sampling import DEFAULT_CFG, DEFAULT_ECM_TEMPERATURE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 
-from ecm.model.adapters import ECM, load_ecm
-from ecm.model.embedded import default_paths, load_backbone
+from ecm.model.adapters import ECM, ControlMix, as_mix, load_ecm
+from ecm.model.embedded import default_ecm_paths, default_paths, load_backbone
 from ecm.model.sampler import candidate_count
 from ecm.model.var import VAR
 
@@ -55,7 +65,7 @@ class ModelSource(Protocol):
     """Where an export's eager models come from. The export consumes what :meth:`load` hands out: it takes
     everything it needs of the eager models first, then turns them into their deployable form in place."""
 
-    def load(self) -> tuple[VAR, ECM | None]: ...
+    def load(self) -> tuple[VAR, ControlMix | None]: ...
 
     def sources(self) -> dict[str, str]:
         """Checkpoint role -> sha256 of its file, for the manifest (empty for models that have none)."""
@@ -64,13 +74,16 @@ class ModelSource(Protocol):
 
 @dataclass
 class Models:
-    """Models in memory: each load hands out copies, so the caller's stay as they are."""
+    """Models in memory: each load hands out copies, so the caller's stay as they are. One ECM is a mix of one."""
 
     var: VAR
-    ecm: ECM | None = None
+    mix: ControlMix | ECM | None = None
 
-    def load(self) -> tuple[VAR, ECM | None]:
-        return copy.deepcopy(self.var), copy.deepcopy(self.ecm)  # the VAR's VQVAE is copied with it
+    def __post_init__(self) -> None:
+        self.mix = as_mix(self.mix)
+
+    def load(self) -> tuple[VAR, ControlMix | None]:
+        return copy.deepcopy(self.var), copy.deepcopy(self.mix)  # the VAR's VQVAE is copied with it
 
     def sources(self) -> dict[str, str]:
         return {}
@@ -78,29 +91,33 @@ class Models:
 
 @dataclass
 class Checkpoints:
-    """Checkpoint files (None: the embedded default's), read one tensor at a time by each load."""
+    """Checkpoint files (None, no adapters: the embedded default's), read one tensor at a time by each load."""
 
     vae: Path | None = None
     var: Path | None = None
-    ecm: Path | None = None
+    ecms: tuple[Path, ...] = ()  # adapter sets merged into one step graph, in order
     with_ecm: bool = True
 
-    def load(self) -> tuple[VAR, ECM | None]:
+    def adapter_files(self) -> tuple[Path, ...]:
+        return (self.ecms or default_ecm_paths()) if self.with_ecm else ()
+
+    def load(self) -> tuple[VAR, ControlMix | None]:
         _, var = load_backbone(self.vae, self.var)
-        ecm = load_ecm(self.ecm or default_paths()[2], var)[0] if self.with_ecm else None
-        return var, ecm
+        ecms = [load_ecm(path, var)[0] for path in self.adapter_files()]
+        return var, ControlMix(ecms) if ecms else None
 
     def sources(self) -> dict[str, str]:
-        vae, var, ecm = default_paths()
-        files = {"vqvae": self.vae or vae, "var": self.var or var, "ecm": self.ecm or ecm}
-        return {role: file_sha256(path) for role, path in files.items() if role != "ecm" or self.with_ecm}
+        vae, var = default_paths()[:2]
+        files = {"vqvae": self.vae or vae, "var": self.var or var}
+        files.update({"ecm" if k == 0 else f"ecm{k}": path for k, path in enumerate(self.adapter_files())})
+        return {role: file_sha256(path) for role, path in files.items()}
 
 
 class Quantizer(Protocol):
     """What an INT8 export adds (``ecm.calibration``): work with the eager models before they become the
     deployable ones, then the rewrite of the exported fp32 graphs."""
 
-    def record(self, var: VAR, ecm: ECM | None, m: Manifest, progress: Progress) -> None:
+    def record(self, var: VAR, mix: ControlMix | None, m: Manifest, progress: Progress) -> None:
         """Everything the eager models are needed for (calibration generations, report references)."""
         ...
 
@@ -131,9 +148,11 @@ class ExportResult:
     report: VerifyReport | None
 
 
-def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions, sources: dict[str, str] | None = None) -> Manifest:
-    """The manifest of an export of ``var`` (+ ``ecm``, loaded from the files with ``sources``) with ``opts``;
-    checks the options."""
+def make_manifest(var: VAR, mix: ControlMix | ECM | None, opts: ExportOptions,
+                  sources: dict[str, str] | None = None) -> Manifest:
+    """The manifest of an export of ``var`` (+ the adapter sets of ``mix``, loaded from the files with ``sources``)
+    with ``opts``; checks the options."""
+    mix = as_mix(mix)
     if opts.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
     check_opset(opts.opset)
@@ -145,12 +164,11 @@ def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions, sources: dict[
                           f"(the vocabulary has {V} tokens; TensorRT's TopK sorts at most {MAX_CANDIDATES})")
     if opts.batch < 1:
         raise ConfigError(f"--batch must be at least 1, not {opts.batch}")
-    control = None
-    if ecm is not None:
+    ecms = mix.ecms if mix is not None else []
+    for ecm in ecms:
         ecm.check_backbone(cfg)
-        e = ecm.config
-        control = ControlSpec(e.control, vcfg.resolution, e.canny_low, e.canny_high)
-    roles = ["step", "decoder", *(["control"] if ecm is not None else []),
+    controls = [ControlSpec(e.config.control, vcfg.resolution, e.config.canny_low, e.config.canny_high) for e in ecms]
+    roles = ["step", "encoder", "decoder", *(control_role(k) for k in range(len(ecms))),
              *([f"step_s{si}" for si in range(len(cfg.patch_nums))] if opts.static_scales else [])]
     graphs = {role: graph_file(role) for role in roles}
     try:
@@ -160,45 +178,61 @@ def make_manifest(var: VAR, ecm: ECM | None, opts: ExportOptions, sources: dict[
     return Manifest(
         precision=opts.precision, patch_nums=tuple(cfg.patch_nums), vocab_size=V, num_classes=cfg.num_classes,
         image_size=vcfg.resolution, latent_channels=vcfg.z_channels, embed_dim=cfg.embed_dim,
-        num_heads=cfg.num_heads, cache_layers=cfg.depth, **adapter_facts(ecm),
+        num_heads=cfg.num_heads, cache_layers=cfg.depth, **adapter_facts(mix),
         num_phi=vcfg.share_quant_resi, batch=opts.batch, candidates=candidates, cfg=DEFAULT_CFG,
         top_k=min(DEFAULT_TOP_K, candidates), top_p=DEFAULT_TOP_P,
-        temperature=DEFAULT_ECM_TEMPERATURE if ecm is not None else DEFAULT_TEMPERATURE, control=control,
+        temperature=DEFAULT_ECM_TEMPERATURE if ecms else DEFAULT_TEMPERATURE, controls=controls,
         graphs=graphs, sources=dict(sources or {}), opset=opts.opset, ecm_version=version)
 
 
-def adapter_facts(ecm: ECM | None) -> dict[str, int]:
-    """The manifest's adapter fields: their cache layers, width and heads (zeros without adapters)."""
-    if ecm is None:
+def adapter_facts(mix: ControlMix | None) -> dict[str, int]:
+    """The manifest's adapter fields: their (shared) cache's layers, width and heads (zeros without adapters)."""
+    if mix is None:
         return {"adapter_layers": 0, "adapter_dim": 0, "adapter_heads": 0}
-    e = ecm.config
-    return {"adapter_layers": e.num_adapters, "adapter_dim": e.width, "adapter_heads": e.heads}
+    e = mix.ecms[0].config
+    return {"adapter_layers": mix.num_layers, "adapter_dim": e.width, "adapter_heads": e.heads}
 
 
-def deployable(var: VAR, ecm: ECM | None, precision: str,
-               candidates: int) -> tuple[StepGraph, nn.Module | None, nn.Module]:
-    """The three networks as they are exported, made from ``var`` and ``ecm`` in place: norms folded,
-    precision applied, the VQVAE's encoder dropped. Layer by layer, so that no second copy of the
-    weights is ever whole: the models are consumed.
+class Deployable(NamedTuple):
+    """The networks as they are exported."""
+
+    step: StepGraph
+    controls: list[ControlGraph]  # one per control, in the step graph's order
+    encoder: EncoderGraph
+    decoder: DecoderGraph
+
+
+def _without(module: nn.Module, *names: str) -> nn.Module:
+    """A shallow copy of ``module`` without the named sub-modules (the original keeps them)."""
+    part = copy.copy(module)
+    part._modules = {k: None if k in names else v for k, v in module._modules.items()}
+    return part
+
+
+def deployable(var: VAR, mix: ControlMix | None, precision: str, candidates: int) -> Deployable:
+    """The networks as they are exported, made from ``var`` and ``mix`` in place: norms folded, precision
+    applied. Layer by layer, so that no second copy of the weights is ever whole: the models are consumed.
 
     INT8 exports start from fp32 graphs (the quantizer rewrites those) and keep the AdaLN layers as
     linear layers, so their weights are quantized like every other linear layer instead of becoming
-    fp32 tables as large as those weights.
+    fp32 tables as large as those weights. The image encoder's convolutions follow fp16 like the decoder's;
+    its nearest-code search stays fp32 in every precision, and INT8 exports keep it fp32 whole.
     """
     var, vae = var.eval().float(), var.vae.eval().float()
-    vae.encoder = vae.quant_conv = None  # generation decodes only
     if precision != "int8":
         fold_class_tables(var, torch.float32 if precision == "fp32" else torch.float16)
-    ecm = fold_ecm_norms(ecm.eval().float()) if ecm is not None else None
-    step = StepGraph(var, ecm, candidates)
-    control = ControlGraph(ecm) if ecm is not None else None
-    decoder = DecoderGraph(vae)
+    if mix is not None:
+        mix = ControlMix([fold_ecm_norms(e.eval().float()) for e in mix.ecms])
+    graphs = Deployable(StepGraph(var, mix, candidates), [ControlGraph(e) for e in (mix.ecms if mix else [])],
+                        EncoderGraph(_without(vae, "decoder", "post_quant_conv")),
+                        DecoderGraph(_without(vae, "encoder", "quant_conv")))
     if precision == "fp16":
-        cast_matmuls(step, torch.float16, skip=("var.head",))
-        cast_matmuls(decoder, torch.float16)
-        if control is not None:
+        cast_matmuls(graphs.step, torch.float16, skip=("var.head",))
+        cast_matmuls(graphs.decoder, torch.float16)
+        cast_matmuls(graphs.encoder, torch.float16)
+        for control in graphs.controls:
             cast_matmuls(control, torch.float16)
-    return step, control, decoder
+    return graphs
 
 
 def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, progress: Progress = print,
@@ -215,8 +249,8 @@ def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, 
     if (opts.precision == "int8") != (quantizer is not None):
         raise ConfigError("an int8 export needs calibration: use ecm.calibration.export_int8 "
                           "(ecm-export --precision int8), which quantizes; other precisions take no quantizer")
-    var, ecm = source.load()
-    m = make_manifest(var, ecm, opts, source.sources())
+    var, mix = source.load()
+    m = make_manifest(var, mix, opts, source.sources())
     decoder_elements = decoder_feature_elements(var.vae.config)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,11 +261,11 @@ def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, 
         reference = None
         if opts.verify and quantizer is None:
             progress("generating the eager model's reference images ...")
-            reference = eager_reference(var, ecm, m, max(opts.batch, VERIFY_BATCH))
+            reference = eager_reference(var, mix, m, max(opts.batch, VERIFY_BATCH))
         if quantizer is not None:
-            quantizer.record(var, ecm, m, progress)
-        graphs = deployable(var, ecm, opts.precision, m.candidates)
-        del var, ecm  # the graphs hold what is left of them
+            quantizer.record(var, mix, m, progress)
+        graphs = deployable(var, mix, opts.precision, m.candidates)
+        del var, mix  # the graphs hold what is left of them
         export_graphs(graphs, m, tmp, opts, progress)
         del graphs
         gc.collect()
@@ -264,22 +298,23 @@ def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, 
     return ExportResult(out_dir, Manifest.load(out_dir), files, report)
 
 
-def export_graphs(graphs: tuple[StepGraph, nn.Module | None, nn.Module], m: Manifest, folder: Path,
-                  opts: ExportOptions, progress: Progress) -> None:
+def export_graphs(graphs: Deployable, m: Manifest, folder: Path, opts: ExportOptions, progress: Progress) -> None:
     """Trace the deployable networks into the ONNX files ``m`` names, in ``folder``."""
-    step, control, decoder = graphs
     progress(f"exporting the step graph ({opts.precision}, opset {opts.opset}) ...")
     # traced at a middle scale and batch 2, so that no symbolic axis is specialised to 1
-    export_graph(step, m.io("step", min(2, m.num_scales - 2), batch=2), folder / m.graphs["step"], opts.opset)
+    export_graph(graphs.step, m.io("step", min(2, m.num_scales - 2), batch=2), folder / m.graphs["step"], opts.opset)
     if opts.static_scales:
         for si in range(m.num_scales):
             progress(f"exporting the static step graph of scale {si} ...")
-            export_graph(step, m.io("step", si), folder / m.graphs[f"step_s{si}"], opts.opset, dynamic=False)
-    if control is not None:
-        progress("exporting the control encoder ...")
-        export_graph(control, m.io("control", batch=2), folder / m.graphs["control"], opts.opset)
+            export_graph(graphs.step, m.io("step", si), folder / m.graphs[f"step_s{si}"], opts.opset, dynamic=False)
+    for k, control in enumerate(graphs.controls):
+        progress(f"exporting the {m.controls[k].type} control encoder ...")
+        role = control_role(k)
+        export_graph(control, m.io(role, batch=2), folder / m.graphs[role], opts.opset)
+    progress("exporting the image encoder (inpainting) ...")
+    export_graph(graphs.encoder, m.io("encoder", batch=2), folder / m.graphs["encoder"], opts.opset)
     progress("exporting the decoder ...")
-    export_graph(decoder, m.io("decoder", batch=2), folder / m.graphs["decoder"], opts.opset)
+    export_graph(graphs.decoder, m.io("decoder", batch=2), folder / m.graphs["decoder"], opts.opset)
 
 
 def _commit(tmp: Path, out_dir: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from ecm.runtime.sampling import cfg_weight
 from ecm.runtime.schedule import parse_temperature
 
 from ecm.data.datasets import HELD_OUT_SEED, ProceduralShapes
-from ecm.model.adapters import ECM
+from ecm.model.adapters import ControlMix
 from ecm.model.pixels import to_model_range, to_uint8
 from ecm.model.sampler import flip_margins, guided_logits, mix_cfg
 from ecm.model.var import VAR, Generation
@@ -158,7 +158,7 @@ class Reference:
 
 
 @torch.no_grad()
-def eager_reference(var: VAR, ecm: ECM | None, m: Manifest, batch: int, seed: int = 0) -> Reference:
+def eager_reference(var: VAR, mix: ControlMix | None, m: Manifest, batch: int, seed: int = 0) -> Reference:
     """Generate ``batch`` held-out images eagerly with the export's sampling settings, keeping every scale."""
     sampling = Sampling.defaults(m)
     labels, cond = conditions(m, batch)
@@ -166,7 +166,7 @@ def eager_reference(var: VAR, ecm: ECM | None, m: Manifest, batch: int, seed: in
     for a in range(0, batch, CHUNK):
         ctrl = to_model_range(cond[a:a + CHUNK]) if cond is not None else None
         chunks.append(var.generate(torch.from_numpy(labels[a:a + CHUNK]), cfg=sampling.cfg, top_k=sampling.top_k,
-                                   top_p=sampling.top_p, temperature=sampling.temperature, seed=seed + a, ecm=ecm,
+                                   top_p=sampling.top_p, temperature=sampling.temperature, seed=seed + a, ecm=mix,
                                    control_B3HW=ctrl, candidates=m.candidates, trace=True))
     return Reference(labels, cond, sampling, seed, chunks)
 

@@ -1,9 +1,10 @@
 """The scale loop over exported graphs, written once for every backend.
 
-Per image batch: run the control encoder once, then for each scale feed the step graph its
-scale's constants (resampling matrices, phi choice, cfg ramp weight, temperature) and uniforms,
-let it write this scale's keys and values into one preallocated cache, and pass its f_hat and
-next input on; finally decode. A backend only has to run a named graph on named arrays.
+Per image batch: run each given control's encoder once (and, to inpaint, the image encoder), then
+for each scale feed the step graph its scale's constants (resampling matrices, phi choice, cfg
+ramp weight, temperature), uniforms, control weights and the known tokens it keeps, let it write
+this scale's keys and values into one preallocated cache, and pass its f_hat and next input on;
+finally decode. A backend only has to run a named graph on named arrays.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 
 from .backend import Backend
 from .errors import ConfigError
-from .manifest import Manifest
+from .inpaint import keep_masks, kept_pixels
+from .manifest import Manifest, control_role
 from .resample import area_matrix, bicubic_matrix
 from .sampling import cfg_weight, check_sampling, draw_uniforms
 from .scales import begin_ends, total_tokens
@@ -92,7 +94,7 @@ class Trajectory:
     x_in: list[np.ndarray] = field(default_factory=list)  # each scale's input latent, when recorded
     f_hat_in: list[np.ndarray] = field(default_factory=list)  # f_hat before each scale, when recorded
     f_hat: np.ndarray | None = None  # the final latent, when recorded
-    ctrl: np.ndarray | None = None  # control tokens (L, B, D), when recorded
+    ctrl: np.ndarray | None = None  # control tokens of every control (K, L, B, D), when recorded
     uniforms: list[np.ndarray] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per graph call, when timed
 
@@ -112,18 +114,26 @@ class ScaleLoop:
         alloc = backend.alloc
         try:
             self.cache_k, self.cache_v = alloc(m.kv_shape(L, B), m.kv_dtype), alloc(m.kv_shape(L, B), m.kv_dtype)
-            if m.control is not None:
+            if m.controls:
                 self.cache_ak = alloc(m.adapter_kv_shape(L, B), m.kv_dtype)
                 self.cache_av = alloc(m.adapter_kv_shape(L, B), m.kv_dtype)
             self.f_hat = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]  # ping-pong: in, out
             self.x = [alloc((B, Cv, HW, HW), "float32") for _ in range(2)]
             self.logits = alloc((2 * B, HW * HW, V), "float32")
             self.tokens = alloc((B, HW * HW), "int64")
-            self.ctrl = alloc((L, B, m.adapter_dim), "float32") if m.control is not None else None
+            self.ctrl = alloc((len(m.controls), L, B, m.adapter_dim), "float32") if m.controls else None
             self.image = alloc((B, m.image_size, m.image_size, 3), "uint8")
+            # inpainting: the known image's tokens (L, B), where each scale keeps them, its latent; zeros: none kept
+            self.known, self.keep = alloc((L, B), "int64"), alloc((L, B), "float32")
+            self.f_known, self.keep_f = alloc((B, Cv, HW, HW), "float32"), alloc((B, 1, HW, HW), "float32")
+            self.no_keep_f = alloc((B, 1, HW, HW), "float32")
         except MemoryError:
             raise ConfigError(f"not enough memory for a batch of {B} ({m.kv_cache_bytes(B) / 2**30:.1f} GiB of KV "
                               "cache alone); lower --batch") from None
+        for buf in (self.known, self.keep, self.f_known, self.keep_f, self.no_keep_f):
+            _zero(buf)
+        self._inpainting = False
+        self.weights: Any = None
         self._constants: dict[Sampling, list[dict[str, Any]]] = {}
 
     def constants(self, sampling: Sampling) -> list[dict[str, Any]]:
@@ -134,11 +144,15 @@ class ScaleLoop:
                                          for si in range(self.m.num_scales)]
         return self._constants[sampling]
 
-    def run(self, labels: np.ndarray, cond: np.ndarray | None, sampling: Sampling, *, seed: int = 0,
-            uniforms: list[np.ndarray] | None = None, teacher: Trajectory | None = None,
+    def run(self, labels: np.ndarray, cond: np.ndarray | dict[str, np.ndarray] | None, sampling: Sampling, *,
+            weights: dict[str, float] | None = None, inpaint: tuple[np.ndarray, np.ndarray] | None = None,
+            seed: int = 0, uniforms: list[np.ndarray] | None = None, teacher: Trajectory | None = None,
             record: bool = False, steps: bool = False, decode: bool = True, timed: bool = False) -> Trajectory:
         """Generate one batch; image j draws its uniforms from seed ``seed + j``.
 
+        ``cond``: uint8 conditions (B, R, R, 3) per control name, or one array for the engine's first
+        control; controls without one are off. ``weights``: per control name (default 1). ``inpaint``:
+        the canvas (B, R, R, 3) uint8 and where to generate (B, R, R), 1 = generate (``runtime.inpaint``).
         ``teacher`` feeds another run's inputs at every scale (teacher forcing); ``record`` keeps
         every scale's tensors, ``steps`` the image after every scale, ``timed`` the graph times.
         """
@@ -151,14 +165,13 @@ class ScaleLoop:
         uniforms = uniforms if uniforms is not None else draw_uniforms(seed, B, m.patch_nums)
         traj = Trajectory(uniforms=uniforms)
         clock = _Clock(traj.seconds if timed else None, be.synchronize)
-        if m.control is not None:
-            if cond is None:
-                raise ConfigError("this engine has a control encoder: give a condition image (--cond)")
-            with clock("control"):
-                be.run("control", {"cond": be.upload(np.ascontiguousarray(cond, np.uint8))},
-                       {"ctrl_tokens": self.ctrl})
+        if m.controls:
+            self._controls(cond, weights, clock, required=inpaint is None)
             if record:
                 traj.ctrl = be.download(self.ctrl)
+        elif cond is not None and (not isinstance(cond, dict) or cond):
+            raise ConfigError("this engine has no control adapters (exported with --no-ecm); give no condition")
+        self._inpaint(inpaint, clock)
         label_buf = be.upload(labels)
         Cv = m.latent_channels
         x_in, f_hat = view(self.x[0], (B, Cv, 1, 1)), self.f_hat[0]
@@ -192,17 +205,69 @@ class ScaleLoop:
         if decode:
             with clock("decoder"):
                 traj.images = self._decode(f_hat)
+            if inpaint is not None:
+                with clock("decoder (kept pixels)"):
+                    traj.images = np.where(kept_pixels(inpaint[1])[..., None], self._decode(self.f_known), traj.images)
         return traj
 
+    def _controls(self, cond: np.ndarray | dict[str, np.ndarray] | None, weights: dict[str, float] | None,
+                  clock: _Clock, required: bool = True) -> None:
+        """Run the encoder of every control given a condition; the others get zero tokens and weight 0. Without
+        any condition (allowed when ``required`` is false: inpainting) the backbone runs alone."""
+        m, be, B = self.m, self.backend, self.batch
+        conds = cond if isinstance(cond, dict) else {} if cond is None else {m.control_names[0]: cond}
+        weights = weights or {}
+        for name in [*conds, *weights]:
+            m.control_index(name)  # unknown names: one line naming the engine's controls
+        if not conds and required:
+            raise ConfigError(f"this engine follows {', '.join(m.control_names)}: give a condition image (--cond)")
+        w = np.zeros(len(m.controls), np.float32)
+        L = total_tokens(m.patch_nums)
+        for k, name in enumerate(m.control_names):
+            tokens = view(rows(self.ctrl, k, k + 1), (L, B, m.adapter_dim))
+            if name not in conds:
+                _zero(tokens)
+                continue
+            w[k] = weights.get(name, 1.0)
+            with clock(f"control {name}"):
+                be.run(control_role(k), {"cond": be.upload(np.ascontiguousarray(conds[name], np.uint8))},
+                       {"ctrl_tokens": tokens})
+        self.weights = be.upload(w)
+
+    def _inpaint(self, inpaint: tuple[np.ndarray, np.ndarray] | None, clock: _Clock) -> None:
+        """Encode the known image and upload where each scale keeps it; without one, nothing is kept."""
+        be, B, m = self.backend, self.batch, self.m
+        if inpaint is None:
+            if self._inpainting:
+                for buf in (self.known, self.keep, self.f_known, self.keep_f):
+                    _zero(buf)
+                self._inpainting = False
+            return
+        image, generate = inpaint
+        if image.shape[0] != B or generate.shape != image.shape[:3]:
+            raise ConfigError(f"inpainting needs {B} images and masks of one size, got {image.shape} and "
+                              f"{generate.shape}")
+        with clock("encoder"):
+            be.run("encoder", {"image": be.upload(np.ascontiguousarray(image, np.uint8))},
+                   {"known_tokens": self.known, "f_known": self.f_known})
+        keeps = keep_masks(generate, m.patch_nums)
+        HW = m.latent_size
+        self.keep = be.upload(np.ascontiguousarray(np.concatenate(keeps, axis=1).T, np.float32))
+        self.keep_f = be.upload(keeps[-1].reshape(B, 1, HW, HW).astype(np.float32))
+        self._inpainting = True
+
     def step_feeds(self, si: int, labels: Any, x_in: Any, f_hat: Any, u_Bpp: Any, sampling: Sampling) -> dict[str, Any]:
-        """The step graph's inputs at scale ``si``: past K/V and control tokens are views of the buffers."""
+        """The step graph's inputs at scale ``si``: past K/V, control tokens and known tokens are views of buffers."""
         m, B = self.m, self.batch
         pn, (b, e) = m.patch_nums[si], begin_ends(m.patch_nums)[si]
+        last = si == m.num_scales - 1
         feeds = {"label": labels, "x_in": x_in, "f_hat": f_hat, "past_k": rows(self.cache_k, 0, b),
-                 "past_v": rows(self.cache_v, 0, b), "u": u_Bpp, **self.constants(sampling)[si]}
+                 "past_v": rows(self.cache_v, 0, b), "u": u_Bpp, **self.constants(sampling)[si],
+                 "known": view(rows(self.known, b, e), (pn, pn, B)), "keep": view(rows(self.keep, b, e), (pn, pn, B)),
+                 "f_known": self.f_known, "keep_f": self.keep_f if last else self.no_keep_f}
         if self.ctrl is not None:
-            feeds.update(ctrl=view(rows(self.ctrl, b, e), (pn, pn, B, m.adapter_dim)),
-                         past_ak=rows(self.cache_ak, 0, b), past_av=rows(self.cache_av, 0, b))
+            feeds.update(ctrl=self.ctrl, control_weight=self.weights, past_ak=rows(self.cache_ak, 0, b),
+                         past_av=rows(self.cache_av, 0, b))
         return feeds
 
     def _decode(self, f_hat: Any) -> np.ndarray:

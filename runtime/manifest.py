@@ -18,21 +18,28 @@ from .files import write_json
 from .sampling import check_sampling
 from .scales import begin_ends, phi_table, total_tokens
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Every file of an export folder starts with this: var_ecm.json, var_ecm.onnx, var_ecm.decoder.plan, ...
 STEM = "var_ecm"
 MANIFEST_NAME = f"{STEM}.json"
 PRECISIONS = ("fp32", "fp16", "int8")
-#: The graphs a runtime loads; an export may hold more (static per-scale variants, 'step_s<k>').
-RUNTIME_ROLES = ("step", "control", "decoder")
+#: The graphs a runtime loads besides one control encoder per control ('control', 'control1', ...); an export may
+#: hold more (static per-scale variants, 'step_s<k>').
+RUNTIME_ROLES = ("step", "encoder", "decoder")
 #: Suffix of a role's CPU form: an INT8 export's graph that ONNX Runtime's CPU kernels run faster than
 #: the Q/DQ graph kept for TensorRT ('step_cpu' beside 'step').
 CPU_FORM = "_cpu"
 
 
+def control_role(k: int) -> str:
+    """The graph role of the k-th control's encoder: control, control1, control2, ..."""
+    return "control" if k == 0 else f"control{k}"
+
+
 def graph_file(role: str) -> str:
     """The ONNX file of graph ``role`` in an export folder: step -> var_ecm.onnx, control -> var_ecm.control.onnx,
-    step_s3 -> var_ecm.s3.onnx, step_cpu -> var_ecm.cpu.onnx, control_cpu -> var_ecm.control.cpu.onnx."""
+    control1 -> var_ecm.control1.onnx, encoder -> var_ecm.encoder.onnx, step_s3 -> var_ecm.s3.onnx,
+    step_cpu -> var_ecm.cpu.onnx, control_cpu -> var_ecm.control.cpu.onnx."""
     base = role.removesuffix(CPU_FORM)
     part = "" if base == "step" else f".s{base.removeprefix('step_s')}" if base.startswith("step_s") else f".{base}"
     return f"{STEM}{part}{'.cpu' if role.endswith(CPU_FORM) else ''}.onnx"
@@ -100,10 +107,11 @@ class Manifest:
     top_k: int
     top_p: float
     temperature: str
-    control: ControlSpec | None
-    graphs: dict[str, str]  # role ('step', 'control', 'decoder') -> file; 'step_s<k>' static, 'step_cpu' CPU form
+    controls: list[ControlSpec]  # one per adapter set merged into the step graph, in the graph's order
+    graphs: dict[str, str]  # role ('step', 'encoder', 'decoder', 'control', 'control1', ...) -> file; 'step_s<k>'
+    # static, 'step_cpu' CPU form
     sources: dict[str, str] = field(default_factory=dict)  # checkpoint role -> sha256
-    adapter_layers: int = 0  # ECM adapters: layers of their own KV cache (0 without control)
+    adapter_layers: int = 0  # ECM adapters: layers of their own KV cache, every control's (0 without control)
     adapter_dim: int = 0  # the adapters' width, that of the control tokens
     adapter_heads: int = 0
     opset: int = 21
@@ -119,6 +127,24 @@ class Manifest:
     def num_scales(self) -> int:
         """K, the number of token maps (scales) an image is generated in."""
         return len(self.patch_nums)
+
+    @property
+    def control(self) -> ControlSpec | None:
+        """The first control: the one a condition given without a control name follows."""
+        return self.controls[0] if self.controls else None
+
+    @property
+    def control_names(self) -> list[str]:
+        """The control types this export follows, in the step graph's order."""
+        return [c.type for c in self.controls]
+
+    def control_index(self, name: str) -> int:
+        """Position of control ``name`` in the step graph, or a one-line error naming the ones it has."""
+        if name not in self.control_names:
+            have = ", ".join(self.control_names) or "none (exported with --no-ecm)"
+            raise ECMError(f"this engine has no {name!r} control (it has {have}); name one of those, or export "
+                           f"adapters for {name} with ecm-export --ecm")
+        return self.control_names.index(name)
 
     @property
     def head_dim(self) -> int:
@@ -144,14 +170,19 @@ class Manifest:
         """The precision of the graphs a runtime runs, as a person reads it: 'fp16', 'int8 (W8A16 Q/DQ)', ..."""
         if self.quantization is None:
             return self.precision
-        if cpu and any(role + CPU_FORM in self.graphs for role in RUNTIME_ROLES):
+        if cpu and any(role + CPU_FORM in self.graphs for role in self.runtime_roles):
             return f"{self.precision} (CPU form)"
         return f"{self.precision} (W8A{8 if self.quantization.get('activations') == 'int8' else 16} Q/DQ)"
 
     def runtime_graphs(self, cpu: bool = False) -> dict[str, str]:
         """Role -> file of the graphs a runtime loads; with ``cpu``, CPU forms stand in for their roles."""
         return {role: self.graphs.get(role + CPU_FORM, self.graphs[role]) if cpu else self.graphs[role]
-                for role in RUNTIME_ROLES if role in self.graphs}
+                for role in self.runtime_roles if role in self.graphs}
+
+    @property
+    def runtime_roles(self) -> list[str]:
+        """The roles of the graphs a runtime loads: RUNTIME_ROLES and each control's encoder."""
+        return [*RUNTIME_ROLES, *(control_role(k) for k in range(len(self.controls)))]
 
     def next_patch(self, si: int) -> int:
         """Side of the input the step at scale ``si`` prepares: the next scale's, or f_hat's after the last."""
@@ -172,23 +203,26 @@ class Manifest:
 
         The one description of each graph's tensors: the exporter traces with these names, shapes and
         symbolic axes, TensorRT's profiles pin them per scale, the runtime allocates and checks by them.
-        ``role`` is 'step', 'control' or 'decoder', or a variant of one ('step_s<k>': the step at scale k;
-        '<role>_cpu': a CPU form, same tensors).
+        ``role`` is 'step', 'encoder', 'decoder' or a control's ('control', 'control1', ...), or a variant of
+        one ('step_s<k>': the step at scale k; '<role>_cpu': a CPU form, same tensors).
         """
         role = role.removesuffix(CPU_FORM)
-        B = self._batch(batch)
+        B, L, HW, R = self._batch(batch), total_tokens(self.patch_nums), self.latent_size, self.image_size
+        latent = Tensor((B, self.latent_channels, HW, HW), "float32", ("batch", None, None, None))
         if role.startswith("step_s"):
             role, si = "step", int(role.removeprefix("step_s"))
         if role == "step":
             return self._step_io(si, B)
-        if role == "control":
-            R = self.control.resolution if self.control else self.image_size
+        if role.startswith("control"):
+            k = int(role.removeprefix("control") or 0)
+            R = self.controls[k].resolution if k < len(self.controls) else R
             return GraphIO({"cond": Tensor((B, R, R, 3), "uint8", ("batch", None, None, None))},
-                           {"ctrl_tokens": Tensor((total_tokens(self.patch_nums), B, self.adapter_dim), "float32")})
+                           {"ctrl_tokens": Tensor((L, B, self.adapter_dim), "float32")})
+        if role == "encoder":
+            return GraphIO({"image": Tensor((B, R, R, 3), "uint8", ("batch", None, None, None))},
+                           {"known_tokens": Tensor((L, B), "int64"), "f_known": latent._replace(axes=())})
         if role == "decoder":
-            HW = self.latent_size
-            return GraphIO({"f_hat": Tensor((B, self.latent_channels, HW, HW), "float32", ("batch", None, None, None))},
-                           {"image": Tensor((B, self.image_size, self.image_size, 3), "uint8")})
+            return GraphIO({"f_hat": latent}, {"image": Tensor((B, R, R, 3), "uint8")})
         raise ValueError(f"no graph role {role!r}")
 
     def _step_io(self, si: int, B: int) -> GraphIO:
@@ -210,6 +244,12 @@ class Manifest:
             "temperature": Tensor((1,), "float32"),
             "top_k": Tensor((1,), "int64"),
             "top_p": Tensor((1,), "float32"),
+            # inpainting: the known image's tokens of this scale, where to keep them (1) and, at the last scale
+            # only, its latent and where to keep it (zeros everywhere when nothing is kept)
+            "known": Tensor((pn, pn, B), "int64", ("pn", "pn", "batch")),
+            "keep": Tensor((pn, pn, B), "float32", ("pn", "pn", "batch")),
+            "f_known": Tensor((B, Cv, HW, HW), "float32", ("batch", None, None, None)),
+            "keep_f": Tensor((B, 1, HW, HW), "float32", ("batch", None, None, None)),
         }
         outputs = {
             "logits": Tensor((2 * B, pn * pn, self.vocab_size), "float32"),
@@ -219,8 +259,10 @@ class Manifest:
             "new_k": Tensor(self.kv_shape(pn * pn, B), kv),
             "new_v": Tensor(self.kv_shape(pn * pn, B), kv),
         }
-        if self.control is not None:
-            inputs["ctrl"] = Tensor((pn, pn, B, self.adapter_dim), "float32", ("pn", "pn", "batch", None))
+        if self.controls:  # every control's tokens of every scale (each control graph writes its own slice)
+            inputs["ctrl"] = Tensor((len(self.controls), total_tokens(self.patch_nums), B, self.adapter_dim), "float32",
+                                    (None, None, "batch", None))
+            inputs["control_weight"] = Tensor((len(self.controls),), "float32")
             inputs["past_ak"] = Tensor(self.adapter_kv_shape(past, B), kv, cache_axes)
             inputs["past_av"] = Tensor(self.adapter_kv_shape(past, B), kv, cache_axes)
             outputs["new_ak"] = Tensor(self.adapter_kv_shape(pn * pn, B), kv)
@@ -233,7 +275,7 @@ class Manifest:
     def kv_cache_bytes(self, batch: int | None = None) -> int:
         """Bytes of the K and V caches (backbone and adapters) over all L tokens."""
         L = total_tokens(self.patch_nums)
-        shapes = [self.kv_shape(L, batch)] + ([self.adapter_kv_shape(L, batch)] if self.control is not None else [])
+        shapes = [self.kv_shape(L, batch)] + ([self.adapter_kv_shape(L, batch)] if self.controls else [])
         return 2 * sum(math.prod(shape) for shape in shapes) * (2 if self.kv_dtype == "float16" else 4)
 
     # ------------------------------------------------------------------------------ files
@@ -267,10 +309,9 @@ class Manifest:
         kw = {k: v for k, v in d.items() if k in names}
         try:
             kw["patch_nums"] = tuple(kw["patch_nums"])
-            if kw["control"] is not None:
-                kw["control"] = ControlSpec(**kw["control"])
+            kw["controls"] = [ControlSpec(**c) for c in kw["controls"]]
             m = cls(**kw)
-        except TypeError as e:
+        except (TypeError, AttributeError) as e:
             raise ManifestError(f"{where} is malformed ({e}); re-export with ecm-export") from None
         if m.precision not in PRECISIONS:
             raise ManifestError(f"{where} has unknown precision {m.precision!r}; re-export with ecm-export")
@@ -321,13 +362,15 @@ def _problems(m: Manifest) -> list[str]:
         bad.append(f"embed_dim {m.embed_dim} (not a multiple of num_heads, {m.num_heads})")
     if m.candidates > m.vocab_size:
         bad.append(f"candidates {m.candidates} (more than the vocabulary, {m.vocab_size})")
-    c = m.control
-    if c is not None and not (isinstance(c.type, str) and _count(c.resolution) and _count(c.canny_low, 0)
-                              and _count(c.canny_high, 0)):
-        bad.append(f"control {asdict(c)!r}")
-    if c is not None and not (m.adapter_layers and m.adapter_heads and m.adapter_dim % m.adapter_heads == 0):
+    for c in m.controls:
+        if not (isinstance(c.type, str) and _count(c.resolution) and _count(c.canny_low, 0)
+                and _count(c.canny_high, 0)):
+            bad.append(f"control {asdict(c)!r}")
+    if len({c.type for c in m.controls if isinstance(c.type, str)}) != len(m.controls):
+        bad.append(f"controls {m.control_names!r} (each control once)")
+    if m.controls and not (m.adapter_layers and m.adapter_heads and m.adapter_dim % m.adapter_heads == 0):
         bad.append("adapter facts (layers, width and heads of the control adapters)")
-    roles = {"step", "decoder"} | ({"control"} if c is not None else set())
+    roles = set(m.runtime_roles)
     if not (isinstance(m.graphs, dict) and roles <= set(m.graphs) and all(
             isinstance(v, str) and Path(v).name == v and not v.startswith(".") for v in m.graphs.values())):
         bad.append(f"graphs {m.graphs!r} (file names for {', '.join(sorted(roles))})")

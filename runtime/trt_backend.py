@@ -15,7 +15,7 @@ import numpy as np
 from .backend import Closing
 from .device import DeviceArray, check, cudart, device_name
 from .errors import ECMError
-from .manifest import RUNTIME_ROLES, Manifest
+from .manifest import Manifest
 
 
 def _rebuild_hint(folder: Path) -> str:
@@ -52,7 +52,7 @@ class TrtBackend(Closing):
         self.runtime = trt.Runtime(self.logger)
         self.engines, self.contexts, self.inputs = {}, {}, {}
         plans = {role: plan for role, plan in (m.tensorrt.get("plans") or {}).items()
-                 if role in RUNTIME_ROLES}
+                 if role in m.runtime_graphs()}
         if "step" not in plans:
             raise ECMError(f"the manifest in {self.folder} lists no step plan; {_rebuild_hint(self.folder)}")
         for role, plan in plans.items():

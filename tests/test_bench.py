@@ -127,7 +127,7 @@ def test_an_export_is_timed_in_a_process_of_its_own(tmp_path):
     from ecm.model.embedded import default_paths
 
     vae, var, ecm = default_paths()
-    run = timed_export(Checkpoints(vae, var, ecm), "fp16", tmp_path / "fp16", tmp_path / "cache")
+    run = timed_export(Checkpoints(vae, var, (ecm,)), "fp16", tmp_path / "fp16", tmp_path / "cache")
     assert Manifest.load(tmp_path / "fp16").precision == "fp16"
     assert run["wall_s"] > 0 and 100 < run["peak_mb"] < 4096
     assert "device memory (fp16)" in (tmp_path / "fp16.log").read_text()

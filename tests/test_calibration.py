@@ -426,7 +426,7 @@ def test_int8_decoder_keeps_40_db_on_the_trained_default(tmp_path):
     _, var, ecm = load_default()
     m = Manifest(precision="fp32", patch_nums=var.patch_nums, vocab_size=512, num_classes=8, image_size=64,
                  latent_channels=16, embed_dim=256, num_heads=4, cache_layers=4, num_phi=4, batch=1, candidates=512,
-                 cfg=1.5, top_k=512, top_p=0.96, temperature="1.0", control=None, graphs={})
+                 cfg=1.5, top_k=512, top_p=0.96, temperature="1.0", controls=[], graphs={})
     export_graph(DecoderGraph(var.vae), m.io("decoder", batch=2), tmp_path / "decoder.onnx", 20)
     latents = []
     for seed, n in ((2000, 32), (HELD_OUT_SEED, 16)):  # calibration latents as an export records them, held-out ones

@@ -166,7 +166,8 @@ def test_manifest_refuses_other_versions_and_edits(fp32_export, tmp_path):
                             ({"patch_nums": [1, 2, 3]}, "recorded shapes"),
                             ({"precision": "fp8"}, "precision"),
                             ({"patch_nums": 5}, "malformed"),
-                            ({"control": {"typo": 1}}, "malformed")]:
+                            ({"controls": [{"typo": 1}]}, "malformed"),
+                            ({"controls": "canny"}, "malformed")]:
         (tmp_path / MANIFEST_NAME).write_text(json.dumps({**d, **change}))
         with pytest.raises(ManifestError, match=message):
             Manifest.load(tmp_path)

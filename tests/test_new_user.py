@@ -114,8 +114,8 @@ def test_exif_orientation_is_applied_wherever_an_image_is_read(fp32_export, tmp_
     edges.save(tmp_path / "edges.png")
     rotated_copy(edges, tmp_path / "conds" / "edges.jpg")
     m = Manifest.load(fp32_export.folder)
-    got = load_conditions((tmp_path / "conds" / "edges.jpg",), m, None)[0]
-    want = load_conditions((tmp_path / "edges.png",), m, None)[0]
+    got = load_conditions((tmp_path / "conds" / "edges.jpg",), m, None)[0]["canny"]
+    want = load_conditions((tmp_path / "edges.png",), m, None)[0]["canny"]
     assert (got == want).mean() > 0.97
 
 
@@ -187,7 +187,7 @@ def test_a_plugin_control_reaches_every_cli(sobel_plugin, fp32_export, tiny_pair
     engine = tmp_path / "engine"
     shutil.copytree(fp32_export.folder, engine)
     manifest = json.loads((engine / MANIFEST_NAME).read_text())
-    manifest["control"]["type"] = name
+    manifest["controls"][0]["type"] = name
     (engine / MANIFEST_NAME).write_text(json.dumps(manifest))
     m = Manifest.load(engine)
     cset = calibration_set(tiny_pair[1], tiny_ecm, m, None, tmp_path / "cache", samples=2, batch=2, **QUIET)
@@ -256,7 +256,7 @@ def test_export_and_eval_use_the_backbone_the_adapters_were_trained_on(tmp_path,
                                    "--steps", 1, "--batch", 2, "--num-images", 4, "--out", "run"])
     assert code == 0, out
     adapters = tmp_path / "run" / "ecm.safetensors"
-    _, vae_path, var_path, _ = resolve_checkpoints(adapters, None, None, True)
+    _, vae_path, var_path, _ = resolve_checkpoints((adapters,), None, None, True)
     assert (vae_path, var_path) == (bb / "vae.safetensors", bb / "var.safetensors")
     assert file_sha256(var_path) != file_sha256(default_paths()[1])
     code, out = invoke(eval_cli, ["--ecm", adapters, "--num-images", 1, "--grid", tmp_path / "g.png"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from ecm.runtime.errors import ConfigError
 from ecm.runtime.loop import Sampling, scale_constants
-from ecm.runtime.manifest import RUNTIME_ROLES, ControlSpec, Manifest, ManifestError
+from ecm.runtime.manifest import ControlSpec, Manifest, ManifestError
 from ecm.runtime.resample import area_matrix, bicubic_matrix
 from ecm.runtime.schedule import MAX_TEMPERATURE, MIN_TEMPERATURE, TemperatureSchedule, parse_temperature
 from hypothesis import HealthCheck, assume, given, settings
@@ -179,8 +179,8 @@ def tiny_manifest(control: bool = True) -> Manifest:
         precision="fp32", patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=512, num_classes=8, image_size=64,
         latent_channels=16, embed_dim=256, num_heads=4, cache_layers=4, num_phi=4, batch=1, candidates=512,
         cfg=1.5, top_k=512, top_p=0.96, temperature="1.0:0.8",
-        control=ControlSpec("canny", 64) if control else None,
-        graphs={"step": "var_ecm.onnx", "decoder": "var_ecm.decoder.onnx",
+        controls=[ControlSpec("canny", 64)] if control else [],
+        graphs={"step": "var_ecm.onnx", "encoder": "var_ecm.encoder.onnx", "decoder": "var_ecm.decoder.onnx",
                 **({"control": "var_ecm.control.onnx"} if control else {})},
         sources={"var": "0" * 64}, adapter_layers=2 if control else 0, adapter_dim=64 if control else 0,
         adapter_heads=1 if control else 0, opset=20, ecm_version="0.1.0")
@@ -197,7 +197,7 @@ def check_usable(m: Manifest) -> None:
     for si in range(m.num_scales):
         assert all(d >= 0 for t in m.io("step", si).tensors.values() for d in t.shape)
     assert m.kv_cache_bytes() >= 0
-    assert set(m.runtime_graphs()) <= set(RUNTIME_ROLES) and isinstance(m.precision_label(True), str)
+    assert set(m.runtime_graphs()) <= set(m.runtime_roles) and isinstance(m.precision_label(True), str)
     try:
         sampling = Sampling.defaults(m)
     except ConfigError:

@@ -92,10 +92,10 @@ def write_standin(name: str, folder: Path) -> Checkpoints:
     torch.save(var.vae.state_dict(), vae_file)
     torch.save(var.state_dict(), var_file)
     save_ecm(ecm, ecm_file, tensor_hash(var.state_dict()), "canny", 0)
-    return Checkpoints(vae_file, var_file, ecm_file)
+    return Checkpoints(vae_file, var_file, (ecm_file,))
 
 
 def standin_checkpoints(folder: Path) -> Checkpoints:
     """The checkpoint files :func:`write_standin` wrote into ``folder``."""
     var_file = next(folder.glob("var_d*.pth"))
-    return Checkpoints(folder / STANDIN_FILES[0], var_file, folder / STANDIN_FILES[2])
+    return Checkpoints(folder / STANDIN_FILES[0], var_file, (folder / STANDIN_FILES[2],))

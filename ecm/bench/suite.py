@@ -166,7 +166,8 @@ def timed_export(source: Checkpoints, precision: str, out: Path, cache: Path) ->
     """``ecm-export`` of ``source`` at ``precision`` with its defaults, in a process of its own (INT8 records
     its calibration data afresh under ``cache``): wall seconds and peak RSS (MiB). Its output goes to
     ``<out>.log``."""
-    args = ["--vae", source.vae, "--var", source.var, "--ecm", source.ecm, "--precision", precision, "--out", out]
+    args = ["--vae", source.vae, "--var", source.var, *(a for path in source.ecms for a in ("--ecm", path)),
+            "--precision", precision, "--out", out]
     log = out.with_name(out.name + ".log")
     start = time.perf_counter()
     with open(log, "w") as f:

@@ -29,26 +29,28 @@ def latest_training_run(where: Path = Path(".")) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: Path | None,
-                        with_ecm: bool) -> tuple[Path | None, Path | None, Path | None, str]:
-    """Which checkpoints to export, and a line saying so: the given adapters (else the latest run here, else
-    the embedded default's) on the given backbone, else the one their training run recorded."""
+def resolve_checkpoints(ecm_paths: tuple[Path, ...], vae_path: Path | None, var_path: Path | None,
+                        with_ecm: bool) -> tuple[tuple[Path, ...], Path | None, Path | None, str]:
+    """Which checkpoints to export, and a line saying so: the given adapter sets (else the latest run here, else
+    the embedded default's) on the given backbone, else the one the first set's training run recorded."""
     if not with_ecm:
-        return None, vae_path, var_path, "exporting the backbone alone (no adapters)"
+        if ecm_paths:
+            raise ECMError("--no-ecm exports the backbone alone: drop --ecm, or drop --no-ecm")
+        return (), vae_path, var_path, "exporting the backbone alone (no adapters)"
     from ecm.train.adapters import trained_backbone
 
-    what = f"exporting {ecm_path or 'the embedded default adapters'}"
-    if ecm_path is None and (run := latest_training_run()) is not None:
-        ecm_path, what = run, f"exporting the latest ecm-train result, {run}"
-    if ecm_path is not None and vae_path is None and var_path is None:
-        vae_path, var_path = trained_backbone(ecm_path)
-    return ecm_path, vae_path, var_path, what
+    what = f"exporting {', '.join(map(str, ecm_paths)) or 'the embedded default adapters'}"
+    if not ecm_paths and (run := latest_training_run()) is not None:
+        ecm_paths, what = (run,), f"exporting the latest ecm-train result, {run}"
+    if ecm_paths and vae_path is None and var_path is None:
+        vae_path, var_path = trained_backbone(ecm_paths[0])
+    return ecm_paths, vae_path, var_path, what
 
 
 @click.command()
-@click.option("--ecm", "ecm_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Adapters from ecm-train. Default: the newest runs/*/ecm.safetensors here, else the embedded "
-                   "default model.")
+@click.option("--ecm", "ecm_paths", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Adapters from ecm-train; repeat to merge several controls into one engine (weights set at run "
+                   "time). Default: the newest runs/*/ecm.safetensors here, else the embedded default model's.")
 @click.option("--vae", "vae_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="VQVAE checkpoint (ours or an official vae_*.pth). Default: the one the adapters were trained "
                    "with.")
@@ -91,7 +93,7 @@ def resolve_checkpoints(ecm_path: Path | None, vae_path: Path | None, var_path: 
 @click.option("--build-only", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Only build TensorRT plans for an existing export folder (run this on the target GPU).")
 @exit_on_error
-def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, candidates, static_scales, calib,
+def main(ecm_paths, vae_path, var_path, no_ecm, out, precision, opset, batch, candidates, static_scales, calib,
          calib_samples, calib_batch, int8_scope, int8_activations, smooth, report_images, no_build, build_only) -> None:
     """Export backbone + ECM adapters to ONNX (verified with ONNX Runtime) and TensorRT plans.
 
@@ -111,9 +113,9 @@ def main(ecm_path, vae_path, var_path, no_ecm, out, precision, opset, batch, can
     check_opset(opset)
     if calib is not None and precision != "int8":
         raise ECMError("--calib calibrates INT8 exports; add --precision int8 or leave --calib out")
-    ecm_path, vae_path, var_path, what = resolve_checkpoints(ecm_path, vae_path, var_path, not no_ecm)
+    ecm_paths, vae_path, var_path, what = resolve_checkpoints(ecm_paths, vae_path, var_path, not no_ecm)
     click.echo(what)
-    models = Checkpoints(vae_path, var_path, ecm_path, with_ecm=not no_ecm)
+    models = Checkpoints(vae_path, var_path, ecm_paths, with_ecm=not no_ecm)
     opts = ExportOptions(precision=precision, opset=opset, batch=batch, candidates=candidates,
                          static_scales=static_scales)
     if precision == "int8":

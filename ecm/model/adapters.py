@@ -12,6 +12,7 @@ unchanged. Working at D = C/4 keeps an adapter's cost near 1/12 of a backbone bl
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,12 +185,19 @@ class ECM(nn.Module):
             ctrl_BLD = ctrl_BLD * keep_B.view(-1, 1, 1).to(ctrl_BLD.dtype)
         return ctrl_BLD
 
+    def delta(self, j: int, h_BlC: torch.Tensor, ctrl_BlD: torch.Tensor, attn_bias: torch.Tensor | None = None,
+              cache: KVCache | None = None, layer: int | None = None) -> torch.Tensor:
+        """What adapter j adds to the hidden state (gates folded into ``up`` at export: None). ``layer`` is its
+        slot in ``cache`` (j unless several controls share one cache)."""
+        adapter = self.adapters[j]
+        x_BlD = adapter(h_BlC, ctrl_BlD, attn_bias, cache, j if layer is None else layer)
+        out_BlC = adapter.up(self.shared_ffn(adapter.ln2(x_BlD)))
+        return out_BlC if self.gates is None else out_BlC * self.gates[j]
+
     def adapt(self, j: int, h_BlC: torch.Tensor, ctrl_BlD: torch.Tensor, attn_bias: torch.Tensor | None = None,
               cache: KVCache | None = None) -> torch.Tensor:
-        """Adapter j's contribution added to the hidden state (gates folded into ``up`` at export: None)."""
-        adapter = self.adapters[j]
-        out_BlC = adapter.up(self.shared_ffn(adapter.ln2(adapter(h_BlC, ctrl_BlD, attn_bias, cache, j))))
-        return h_BlC + (out_BlC if self.gates is None else out_BlC * self.gates[j])
+        """The hidden state with adapter j's contribution added (teacher forcing, one control)."""
+        return h_BlC + self.delta(j, h_BlC, ctrl_BlD, attn_bias, cache)
 
     def injector(self, ctrl_BlD: torch.Tensor, attn_bias: torch.Tensor | None = None,
                  cache: KVCache | None = None) -> Injector:
@@ -201,19 +209,13 @@ class ECM(nn.Module):
 
         return inject
 
-    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> KVCache:
-        """The adapters' own KV cache for ``batch`` rows over all L positions."""
-        cfg = self.config
-        L = self.begin_ends[-1][1]
-        return KVCache(cfg.num_adapters, batch, cfg.heads, L, cfg.width // cfg.heads, self.ctrl_proj.weight.device,
-                       dtype)
+    def slot(self, block: int) -> int | None:
+        """The adapter that runs after backbone block ``block``, if any."""
+        return self._slot.get(block)
 
-    def start(self, ctrl_B3HW: torch.Tensor, cfg_rows: bool = True) -> ControlState:
-        """Per-image state for generation; with CFG the unconditional rows get no control."""
-        ctrl_BLD = self.control_tokens(ctrl_B3HW)
-        if cfg_rows:
-            ctrl_BLD = torch.cat((ctrl_BLD, torch.zeros_like(ctrl_BLD)))
-        return ControlState(self, ctrl_BLD, self.new_cache(ctrl_BLD.shape[0]))
+    def start(self, ctrl_B3HW: torch.Tensor, cfg_rows: bool = True) -> MixState:
+        """Per-image state for generation with this control alone (weight 1); see :meth:`ControlMix.start`."""
+        return ControlMix([self]).start([ctrl_B3HW], cfg_rows)
 
     def check_backbone(self, backbone: VARConfig) -> None:
         """Refuse a backbone of another shape than the one these adapters were trained on."""
@@ -225,18 +227,108 @@ class ECM(nn.Module):
                               f"{want}, not {got}; load the backbone they were trained on")
 
 
-@dataclass
-class ControlState:
-    """The control of one generation: tokens of all scales and the adapters' KV cache."""
+class ControlMix:
+    """Adapter sets trained separately on one backbone, steering it together (eager generation and export).
 
-    ecm: ECM
-    ctrl_BLD: torch.Tensor
+    After backbone block i, every control with an adapter there adds its contribution times its
+    weight, all computed from the same hidden state. Their adapters share one KV cache, one control's
+    layers after the other's, so they must share a width and head count. A weight of 0 (and no
+    condition) turns a control off exactly; one control at weight 1 is ECM's own result.
+    """
+
+    def __init__(self, ecms: Sequence[ECM], weights: Sequence[float] | None = None):
+        self.ecms = list(ecms)
+        if not self.ecms:
+            raise ConfigError("a control mix needs at least one ECM adapter set")
+        names = self.names
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two adapter sets follow the same control ({', '.join(names)}); pass each control once")
+        shapes = {(e.config.width, e.config.heads) for e in self.ecms}
+        if len(shapes) > 1:
+            raise ConfigError(f"adapter sets of different widths and heads ({sorted(shapes)}) cannot share one "
+                              "step: train them with the same --preset")
+        self.offsets = [sum(e.config.num_adapters for e in self.ecms[:k]) for k in range(len(self.ecms))]
+        self.weights = torch.tensor([1.0] * len(self.ecms) if weights is None else [float(w) for w in weights])
+        if self.weights.shape != (len(self.ecms),):
+            raise ConfigError(f"{self.weights.numel()} control weights for {len(self.ecms)} controls")
+
+    @property
+    def names(self) -> list[str]:
+        """The control type of each adapter set, in order."""
+        return [e.config.control for e in self.ecms]
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of the shared adapter cache: every set's adapters."""
+        return sum(e.config.num_adapters for e in self.ecms)
+
+    def injector(self, ctrls_BlD: Sequence[torch.Tensor], weights_K: torch.Tensor,
+                 cache: KVCache | None = None) -> Injector:
+        """A callback for ``VAR.run_blocks``: after block i, add each control's weighted adapter output."""
+
+        def inject(i: int, h_BlC: torch.Tensor) -> torch.Tensor:
+            out_BlC = h_BlC
+            for k, ecm in enumerate(self.ecms):
+                j = ecm.slot(i)
+                if j is not None:
+                    delta_BlC = ecm.delta(j, h_BlC, ctrls_BlD[k], None, cache, self.offsets[k] + j)
+                    out_BlC = out_BlC + weights_K[k] * delta_BlC
+            return out_BlC
+
+        return inject
+
+    def start(self, ctrls_B3HW: torch.Tensor | Sequence[torch.Tensor | None], cfg_rows: bool = True) -> MixState:
+        """Per-generation state: each control's tokens, its weight, CFG's unconditional rows without control,
+        and the shared cache. One image per control (None: that control is off, weight 0), or a single
+        tensor for the first control alone, as a condition without a control name is taken at run time."""
+        if isinstance(ctrls_B3HW, torch.Tensor):
+            ctrls_B3HW = [ctrls_B3HW] + [None] * (len(self.ecms) - 1)
+        if len(ctrls_B3HW) != len(self.ecms):
+            raise ConfigError(f"{len(ctrls_B3HW)} control images for {len(self.ecms)} controls "
+                              f"({', '.join(self.names)})")
+        given = [c for c in ctrls_B3HW if c is not None]
+        if not given:
+            raise ConfigError(f"no control image for any of {', '.join(self.names)}")
+        first = self.ecms[0].ctrl_proj.weight
+        B, L = given[0].shape[0], self.ecms[0].begin_ends[-1][1]
+        tokens = []
+        for ecm, ctrl in zip(self.ecms, ctrls_B3HW):
+            ctrl_BLD = (ecm.control_tokens(ctrl.to(first.device)) if ctrl is not None
+                        else first.new_zeros(B, L, ecm.config.width))
+            tokens.append(torch.cat((ctrl_BLD, torch.zeros_like(ctrl_BLD))) if cfg_rows else ctrl_BLD)
+        on_K = torch.tensor([c is not None for c in ctrls_B3HW], dtype=self.weights.dtype)
+        e = self.ecms[0].config
+        cache = KVCache(self.num_layers, tokens[0].shape[0], e.heads, L, e.width // e.heads, first.device)
+        return MixState(self, tokens, (self.weights * on_K).to(first.device), cache)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every set's weights, keyed by position and name: what identifies the mix."""
+        return {f"ecm{k}.{n}": v for k, e in enumerate(self.ecms) for n, v in e.state_dict().items()}
+
+    def eval(self) -> ControlMix:
+        for e in self.ecms:
+            e.eval()
+        return self
+
+
+def as_mix(adapters: ECM | ControlMix | None) -> ControlMix | None:
+    """One adapter set as a mix of one; a mix or None as it is."""
+    return ControlMix([adapters]) if isinstance(adapters, ECM) else adapters
+
+
+@dataclass
+class MixState:
+    """The control of one generation: each set's tokens of all scales, the weights and the shared cache."""
+
+    mix: ControlMix
+    ctrls_BLD: list[torch.Tensor]
+    weights_K: torch.Tensor
     cache: KVCache
 
     def injector(self, si: int) -> Injector:
-        """The adapters' callback for scale si (its control tokens, the shared cache)."""
-        b, e = self.ecm.begin_ends[si]
-        return self.ecm.injector(self.ctrl_BLD[:, b:e], None, self.cache)
+        """The adapters' callback for scale si."""
+        b, e = self.mix.ecms[0].begin_ends[si]
+        return self.mix.injector([c[:, b:e] for c in self.ctrls_BLD], self.weights_K, self.cache)
 
     def advance(self, num_tokens: int) -> None:
         """Mark the scale's tokens as cached, after the step ran."""

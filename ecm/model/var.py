@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ecm.model.checkpoint import build_and_load, config_from_meta, infer_var_config, read_checkpoint
 from ecm.model.config import VARConfig
+from ecm.model.inpaint import Known, composite, keep_known
 from ecm.model.kv_cache import KVCache
 from ecm.model.layers import FFN, Injector, SelfAttention
 from ecm.model.sampler import cfg_weight, sample_tokens
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from ecm.model.vqvae import VQVAE
 
 class ScaleControl(Protocol):
-    """One generation's control, scale by scale: what :meth:`VAR.step` asks of it (ECM's ControlState)."""
+    """One generation's control, scale by scale: what :meth:`VAR.step` asks of it (ECM's MixState)."""
 
     def injector(self, si: int) -> Injector: ...
 
@@ -47,13 +48,18 @@ class ScaleControl(Protocol):
 
 
 class Steering(Protocol):
-    """A control module as VAR uses it (:class:`ecm.model.adapters.ECM`): an injector for teacher forcing
-    over given control tokens, and per-generation state from a control image."""
+    """A control module as generation uses it (:class:`ecm.model.adapters.ECM`, one control image per row, or
+    :class:`ecm.model.adapters.ControlMix`, a list of them): per-generation state from its control images."""
+
+    def start(self, ctrl: Any) -> ScaleControl: ...
+
+
+class TeacherSteering(Protocol):
+    """A control module as teacher forcing uses it (:class:`ecm.model.adapters.ECM`): an injector over given
+    control tokens."""
 
     def injector(self, ctrl_BlD: torch.Tensor, attn_bias: torch.Tensor | None = None,
                  cache: KVCache | None = None) -> Injector: ...
-
-    def start(self, ctrl_B3HW: torch.Tensor) -> ScaleControl: ...
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -216,7 +222,7 @@ class VAR(nn.Module):
         return x_BlC
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, ecm: Steering | None = None,
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, ecm: TeacherSteering | None = None,
                 ctrl_BLD: torch.Tensor | None = None, num_scales: int | None = None,
                 drop_B: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) for all scales at once.
@@ -260,15 +266,18 @@ class VAR(nn.Module):
     def generate(self, label_B: torch.Tensor | list[int], *, cfg: float = DEFAULT_CFG, top_k: int = DEFAULT_TOP_K,
                  top_p: float = DEFAULT_TOP_P, temperature: str | float | TemperatureSchedule | None = None,
                  seed: int = 0, uniforms: list[np.ndarray] | None = None, decode: bool = True,
-                 ecm: Steering | None = None, control_B3HW: torch.Tensor | None = None,
+                 ecm: Steering | None = None, control_B3HW: Any = None, known: Known | None = None,
                  candidates: int | None = None, trace: bool = False) -> Generation:
         """Class-conditional generation with CFG (official linear ramp), scale by scale.
 
         Tokens are drawn by inverse-CDF sampling from uniforms (``draw_uniforms(seed, ...)`` unless
         given), so a seed gives the same image in every backend. ``top_k=1`` is greedy. With
-        ``ecm`` and a control image per row, the adapters steer every scale; CFG's unconditional
-        rows drop both the class and the control. The temperature schedule defaults to
-        ``DEFAULT_ECM_TEMPERATURE`` with adapters and ``DEFAULT_TEMPERATURE`` without.
+        ``ecm`` and a control image per row (a list of them per control with a ``ControlMix``), the
+        adapters steer every scale; CFG's unconditional rows drop both the class and the control.
+        With ``known`` the tokens it keeps replace the sampled ones at every scale, its latent the
+        final one where it keeps the last scale, and its reconstruction the kept pixels (inpainting).
+        The temperature schedule defaults to ``DEFAULT_ECM_TEMPERATURE`` with adapters and
+        ``DEFAULT_TEMPERATURE`` without.
         ``candidates`` is the sampler's static sort size (an exported graph's); ``trace`` keeps
         every scale's logits and inputs, for comparisons with exported graphs.
         """
@@ -283,7 +292,7 @@ class VAR(nn.Module):
 
         cond_BD = self.class_cond(torch.cat((label_B, torch.full_like(label_B, self.num_classes))))
         cache = self.new_cache(2 * B)
-        control = ecm.start(control_B3HW.to(device)) if ecm is not None else None
+        control = ecm.start(control_B3HW) if ecm is not None else None
         x_BlC = self.first_token_map(cond_BD)
         f_hat = torch.zeros(B, quant.Cvae, quant.HW, quant.HW, device=device)
         out = Generation([], f_hat, None)
@@ -297,13 +306,19 @@ class VAR(nn.Module):
             u_Bl = torch.as_tensor(uniforms[si], device=device)
             idx_Bl = sample_tokens(logits_2BlV, u_Bl, cfg_t=cfg_weight(cfg, si, K), temperature=temps[si],
                                    top_k=top_k, top_p=top_p, candidates=candidates)
+            if known is not None:
+                idx_Bl = keep_known(idx_Bl, known.idx_list[si], known.keep_list[si])
             out.idx_list.append(idx_Bl)
             f_hat, next_BCpp = quant.next_input(si, f_hat, quant.embed(idx_Bl, pn))
             if si + 1 < K:
                 x_BlC = self.embed_scale(si + 1, next_BCpp).repeat(2, 1, 1)
+        if known is not None:
+            f_hat = composite(f_hat, known.f_hat, known.latent_keep())
         out.f_hat = f_hat
         del cache, control  # the KV caches go before the decoder's activations come
         out.images = self.vae.fhat_to_img(f_hat) * 0.5 + 0.5 if decode else None
+        if decode and known is not None:
+            out.images = known.paste(self.vae, out.images)
         return out
 
     @torch.no_grad()
