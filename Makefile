@@ -5,10 +5,10 @@ BIN    := $(VENV)/bin
 # torch 2.13.0: on this project's machines pip takes the CPU build from a local wheel. Elsewhere pick your
 # build, e.g. `make setup TORCH=torch` for the default (CUDA) one, or install torch first.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= train,export,cpu,dev
+EXTRAS ?= train,export,cpu,dev,demo,browser
 
-.PHONY: setup demo test test-all lint clean default-model bench bench-d16 bench-memory bench-early-centric \
-        bench-runtime bench-int8 bench-data bench-compose
+.PHONY: setup demo demo-page test test-all browser lint clean default-model bench bench-d16 bench-memory bench-early-centric \
+        bench-runtime bench-int8 bench-data bench-compose bench-demo
 
 setup: $(VENV)/.installed
 
@@ -38,8 +38,17 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+# Everything, the slow tests too: ecm-demo's page in a headless chromium (Debian's, installed here if missing).
+test-all: setup browser
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+# The web page over the runtime (ecm-demo) on the embedded default: http://127.0.0.1:7860
+demo-page: setup
+	$(BIN)/ecm-demo
 
 # Reproduce the embedded default model (about 1.5 hours on two CPU cores), then pack it as fp16.
 default-model: setup
@@ -72,6 +81,10 @@ bench-data: setup
 # Several controls at once, inpainting and outpainting on the embedded default (a few minutes): composable.json.
 bench-compose: setup
 	$(BIN)/python benchmarks/composable.py --json composable.json
+
+# ecm-demo's page against ecm-run, same engine and seed (about a minute): the README's figures and screenshot.
+bench-demo: setup browser
+	$(BIN)/python benchmarks/demo.py --screenshot docs/ecm-demo.png
 
 bench-early-centric: setup
 	$(BIN)/python benchmarks/early_centric.py

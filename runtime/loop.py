@@ -147,14 +147,16 @@ class ScaleLoop:
     def run(self, labels: np.ndarray, cond: np.ndarray | dict[str, np.ndarray] | None, sampling: Sampling, *,
             weights: dict[str, float] | None = None, inpaint: tuple[np.ndarray, np.ndarray] | None = None,
             seed: int = 0, uniforms: list[np.ndarray] | None = None, teacher: Trajectory | None = None,
-            record: bool = False, steps: bool = False, decode: bool = True, timed: bool = False) -> Trajectory:
+            record: bool = False, steps: bool = False, decode: bool = True, timed: bool = False,
+            on_scale: Callable[[int, np.ndarray], None] | None = None) -> Trajectory:
         """Generate one batch; image j draws its uniforms from seed ``seed + j``.
 
         ``cond``: uint8 conditions (B, R, R, 3) per control name, or one array for the engine's first
         control; controls without one are off. ``weights``: per control name (default 1). ``inpaint``:
         the canvas (B, R, R, 3) uint8 and where to generate (B, R, R), 1 = generate (``runtime.inpaint``).
         ``teacher`` feeds another run's inputs at every scale (teacher forcing); ``record`` keeps
-        every scale's tensors, ``steps`` the image after every scale, ``timed`` the graph times.
+        every scale's tensors, ``steps`` the image after every scale, ``timed`` the graph times;
+        ``on_scale(si, images)`` gets the images after every scale as soon as they are decoded (previews).
         """
         m, B, be = self.m, self.batch, self.backend
         labels = np.asarray(labels, np.int64).reshape(-1)
@@ -197,8 +199,12 @@ class ScaleLoop:
             if record:
                 traj.tokens.append(be.download(out["tokens"]))
                 traj.logits.append(be.download(out["logits"]))
-            if steps:
-                traj.step_images.append(self._decode(out["f_hat_out"]))
+            if steps or on_scale is not None:
+                preview = self._decode(out["f_hat_out"])
+                if steps:
+                    traj.step_images.append(preview)
+                if on_scale is not None:
+                    on_scale(si, preview)
             x_in, f_hat = out["x_next"], out["f_hat_out"]
         if record:
             traj.f_hat = be.download(f_hat)

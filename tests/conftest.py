@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from ecm.runtime.scales import PATCH_NUMS_256
+from PIL import Image
 
 from ecm import VAR, VQVAE, var_config, vqvae_config
 from ecm.bench.models import make_pair, randomize_
@@ -52,3 +54,13 @@ def fp16_export(tiny_pair, tiny_ecm, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("fp16")
     return export_model(Models(tiny_pair[1], tiny_ecm), out, ExportOptions(precision="fp16"), progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def edge_png(tmp_path_factory):
+    """A 64 px Canny-like condition: white lines on black."""
+    arr = np.zeros((64, 64), np.uint8)
+    arr[12:50, 20] = arr[12:50, 44] = arr[12, 20:45] = arr[49, 20:45] = 255
+    path = tmp_path_factory.mktemp("cond") / "edge.png"
+    Image.fromarray(arr).save(path)
+    return path

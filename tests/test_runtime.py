@@ -24,16 +24,6 @@ def invoke(args):
     return result.exit_code, result.output
 
 
-@pytest.fixture(scope="module")
-def edge_png(tmp_path_factory):
-    """A 64 px Canny-like condition: white lines on black."""
-    arr = np.zeros((64, 64), np.uint8)
-    arr[12:50, 20] = arr[12:50, 44] = arr[12, 20:45] = arr[49, 20:45] = 255
-    path = tmp_path_factory.mktemp("cond") / "edge.png"
-    Image.fromarray(arr).save(path)
-    return path
-
-
 def test_runtime_never_imports_torch(fp32_export, edge_png, tmp_path):
     code = ("import sys; from ecm.cli.run import main; "
             f"main(['--engine', {str(fp32_export.folder)!r}, '--cond', {str(edge_png)!r}, '-n', '2', "
