@@ -35,7 +35,7 @@ from ecm.export.memory_plan import decoder_feature_elements, memory_plan
 from ecm.export.onnx_export import DEFAULT_OPSET, MAX_CANDIDATES, check_opset, export_graph
 from ecm.export.precision import cast_matmuls
 from ecm.export.tensorrt_ops import graph_problems
-from ecm.export.verify import VerifyReport, eager_reference, verify_export
+from ecm.export.verify import VerifyReport, eager_reference, preview_table, verify_export
 from ecm.runtime.errors import ConfigError, ECMError
 from ecm.runtime.files import file_sha256, write_json
 from ecm.runtime.manifest import (
@@ -278,6 +278,8 @@ def export_model(source: ModelSource, out_dir: str | Path, opts: ExportOptions, 
                 raise ECMError(f"{name} would not parse in TensorRT: {'; '.join(problems[:3])}")
         plan = memory_plan(m, graph_bytes(tmp, m, cpu=False), decoder_elements)
         m.memory = plan.to_dict()
+        if reference is not None:
+            m.preview = preview_table(reference)
         m.save(tmp)
         report = checked if opts.verify else None
         if reference is not None:

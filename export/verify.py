@@ -171,6 +171,22 @@ def eager_reference(var: VAR, mix: ControlMix | None, m: Manifest, batch: int, s
     return Reference(labels, cond, sampling, seed, chunks)
 
 
+def preview_table(ref: Reference) -> list[list[float]] | None:
+    """The least-squares linear map from a latent's channels (+ 1) to the RGB of the decoded image averaged over
+    each latent cell, fitted on the reference generations: the runtime's decoder-free preview
+    (``runtime.loop.latent_preview``). None where the image size is not a multiple of the latent's."""
+    f_hat = np.concatenate([g.f_hat.numpy() for g in ref.chunks])  # (N, C, h, w)
+    images = ref.images.astype(np.float64)  # (N, R, R, 3)
+    N, C, h, _ = f_hat.shape
+    R = images.shape[1]
+    if R % h:
+        return None
+    cells = images.reshape(N, h, R // h, h, R // h, 3).mean(axis=(2, 4)).reshape(-1, 3)
+    X = np.concatenate([f_hat.transpose(0, 2, 3, 1).reshape(-1, C), np.ones((N * h * h, 1))], axis=1)
+    table = np.linalg.lstsq(X, cells, rcond=None)[0]
+    return [[float(x) for x in row] for row in table]
+
+
 def compare(folder: Path, ref: Reference, cpu_forms: bool = True) -> tuple[VerifyReport, np.ndarray]:
     """Run the export in ``folder`` free and teacher-forced on ``ref``'s inputs; the report and its images.
 

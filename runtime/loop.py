@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .backend import Backend
 from .errors import ConfigError
@@ -199,12 +200,10 @@ class ScaleLoop:
             if record:
                 traj.tokens.append(be.download(out["tokens"]))
                 traj.logits.append(be.download(out["logits"]))
-            if steps or on_scale is not None:
-                preview = self._decode(out["f_hat_out"])
-                if steps:
-                    traj.step_images.append(preview)
-                if on_scale is not None:
-                    on_scale(si, preview)
+            if steps:
+                traj.step_images.append(self._decode(out["f_hat_out"]))
+            if on_scale is not None:
+                on_scale(si, self._preview(out["f_hat_out"]))
             x_in, f_hat = out["x_next"], out["f_hat_out"]
         if record:
             traj.f_hat = be.download(f_hat)
@@ -276,9 +275,25 @@ class ScaleLoop:
                          past_av=rows(self.cache_av, 0, b))
         return feeds
 
+    def _preview(self, f_hat: Any) -> np.ndarray:
+        """The images a latent shows: through the manifest's linear latent-to-RGB map where it has one (no decoder
+        run: a blurred likeness, enlarged to the image size), else decoded."""
+        if self.m.preview is None:
+            return self._decode(f_hat)
+        return latent_preview(self.backend.download(f_hat), self.m.preview, self.m.image_size)
+
     def _decode(self, f_hat: Any) -> np.ndarray:
         self.backend.run("decoder", {"f_hat": f_hat}, {"image": self.image})
         return self.backend.download(self.image)
+
+
+def latent_preview(f_hat_BChw: np.ndarray, table: list[list[float]], size: int) -> np.ndarray:
+    """uint8 (B, size, size, 3) from a latent with a (C + 1) x 3 linear map (the last row: the offset), enlarged
+    bilinearly from the latent's grid."""
+    W = np.asarray(table, np.float32)
+    rgb = np.einsum("bchw,cd->bhwd", f_hat_BChw.astype(np.float32), W[:-1]) + W[-1]
+    cells = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.BILINEAR)) for c in cells])
 
 
 def _zero(buf: Any) -> None:

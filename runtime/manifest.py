@@ -119,6 +119,7 @@ class Manifest:
     quantization: dict[str, str] | None = None  # int8: scope, activations of the Q/DQ graphs (int8 or fp16), CPU forms
     # (dynamic or blockwise), the decoder on a CPU (int8 or fp32)
     memory: dict[str, Any] | None = None  # the device memory a deployment needs (export.memory_plan), per batch
+    preview: list[list[float]] | None = None  # latent -> RGB, (Cvae + 1) x 3: a preview of f_hat without the decoder
     ecm_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -302,7 +303,7 @@ class Manifest:
                                 "re-export with this version's ecm-export")
         names = {f.name for f in fields(cls)}
         optional = {"sources", "opset", "tensorrt", "quantization", "memory", "ecm_version", "adapter_layers",
-                    "adapter_dim", "adapter_heads"}
+                    "adapter_dim", "adapter_heads", "preview"}
         missing = sorted(n for n in names if n not in d and n not in optional)
         if missing:
             raise ManifestError(f"{where} lacks {', '.join(missing)}; re-export with ecm-export")
@@ -374,6 +375,11 @@ def _problems(m: Manifest) -> list[str]:
     if not (isinstance(m.graphs, dict) and roles <= set(m.graphs) and all(
             isinstance(v, str) and Path(v).name == v and not v.startswith(".") for v in m.graphs.values())):
         bad.append(f"graphs {m.graphs!r} (file names for {', '.join(sorted(roles))})")
+    p = m.preview
+    if p is not None and not (isinstance(p, list) and len(p) == m.latent_channels + 1 and all(
+            isinstance(row, list) and len(row) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in row)
+            for row in p)):
+        bad.append(f"preview (a {m.latent_channels + 1} x 3 table of numbers)")
     if not all(isinstance(getattr(m, n), t) for n, t in (("sources", dict), ("tensorrt", (dict, type(None))),
                                                          ("quantization", (dict, type(None))), ("ecm_version", str))):
         bad.append("sources, tensorrt, quantization or ecm_version")

@@ -270,7 +270,9 @@ def test_condition_images_of_any_size_and_mode_calibrate(tiny_pair, tiny_ecm, in
     folder.mkdir()
     Image.new("L", (100, 80), 0).save(folder / "a.png")
     Image.new("RGBA", (64, 64), (255, 255, 255, 255)).save(folder / "b.png")
-    Image.new("P", (30, 30)).save(folder / "c.bmp")
+    palette = Image.new("P", (30, 30))
+    palette.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])  # a real palette: Pillow < 13 cannot
+    palette.save(folder / "c.bmp")  # read back the BMP of an empty one
     cset = calibration_set(var, tiny_ecm, m, folder, tmp_path / "cache", samples=3, batch=2, **QUIET)
     assert cset.meta.samples == 3 and len(cset.batch_files) == 2
 

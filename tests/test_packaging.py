@@ -29,8 +29,8 @@ def test_public_names_load_lazily():
 
 
 def test_the_console_scripts_are_the_documented_ones():
-    assert SCRIPTS == ["ecm-bench", "ecm-eval", "ecm-export", "ecm-pack-default", "ecm-params", "ecm-prepare",
-                       "ecm-pretrain", "ecm-run", "ecm-train"]
+    assert SCRIPTS == ["ecm-bench", "ecm-demo", "ecm-eval", "ecm-export", "ecm-pack-default", "ecm-params",
+                       "ecm-prepare", "ecm-pretrain", "ecm-run", "ecm-train"]
 
 
 @pytest.mark.parametrize("cmd", SCRIPTS)

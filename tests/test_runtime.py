@@ -176,3 +176,20 @@ def test_the_three_commands_of_the_workflow(tmp_path, monkeypatch):
         outputs.append(result.output)
     assert "latest ecm-train result" in outputs[1] and "wrote ecm_run.png" in outputs[2]
     assert np.asarray(Image.open("ecm_run.png")).shape == (64, 64, 3)
+
+
+def test_previews_come_from_the_latent_without_the_decoder(fp32_export, edge_png):
+    from ecm.runtime.engine import open_engine
+    from ecm.runtime.loop import Sampling, ScaleLoop, latent_preview
+
+    m = fp32_export.manifest
+    assert m.preview is not None and len(m.preview) == m.latent_channels + 1  # fitted on the export's references
+    cond = prepare_condition(read_image(edge_png), m.control)
+    seen = []
+    with open_engine(fp32_export.folder)[1] as backend:
+        traj = ScaleLoop(m, backend, 1).run(np.array([2]), cond[None], Sampling.defaults(m), record=True,
+                                            on_scale=lambda si, images: seen.append((si, images)))
+    assert [si for si, _ in seen] == list(range(m.num_scales))
+    assert all(images.shape == (1, m.image_size, m.image_size, 3) for _, images in seen)
+    assert np.array_equal(seen[-1][1], latent_preview(traj.f_hat, m.preview, m.image_size))
+    assert not np.array_equal(seen[0][1], seen[-1][1])  # each scale shows its own latent

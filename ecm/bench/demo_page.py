@@ -36,7 +36,7 @@ class PageRun:
     final_size: tuple[int, int]  # the result image's own pixels (width, height)
 
 
-def browser(webdriver: ModuleType, width: int = 1400, height: int = 1100):
+def browser(webdriver: ModuleType, width: int = 1400, height: int = 1250):
     """A headless chromium through chromedriver, both from Debian's packages."""
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
@@ -78,6 +78,7 @@ def drive_page(webdriver: ModuleType, url: str, cond: Path, screenshot: Path | N
         size = driver.execute_script("const i = document.querySelector('#result img'); "
                                      "return [i.naturalWidth, i.naturalHeight]")
         if screenshot is not None:
+            driver.execute_script("window.scrollTo(0, 0)")
             driver.save_screenshot(str(screenshot))
         first = (state["first"] - t0) / 1000 if state["first"] is not None else float("inf")
         return PageRun(state["previews"], first, (state["result"] - t0) / 1000, tuple(size))

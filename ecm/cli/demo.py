@@ -9,6 +9,7 @@ image. Scripted use: ``gradio_client.Client(url).predict(..., api_name="/generat
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -24,10 +25,13 @@ from ecm.cli.run import MAX_CPU_BATCH, default_engine
 from ecm.runtime.controls import find_control
 from ecm.runtime.engine import BACKENDS, open_engine
 from ecm.runtime.errors import ECMError, exit_on_error
-from ecm.runtime.images import MAX_GREYNESS, greyness, grid, prepare_condition, read_image, to_rgb
+from ecm.runtime.images import MAX_GREYNESS, greyness, grid, prepare_condition, read_image, to_rgb, zoom
 from ecm.runtime.inpaint import inpaint_input, outpaint_input, parse_margins
 from ecm.runtime.loop import Sampling, ScaleLoop
 from ecm.runtime.manifest import Manifest
+
+#: Previews are shown at least this many pixels wide.
+PREVIEW = 256
 
 
 def sketch_map(value: Any) -> Image.Image | None:
@@ -144,10 +148,10 @@ def build_app(demo: Demo) -> Any:
                     temperature = gr.Textbox(m.temperature, label="temperature (T, A:B, A:B@k, linear:A:B)")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
-                shown = gr.Gallery(label="conditions as the model sees them", columns=4, height="auto", format="png")
-                preview = gr.Image(label="coarse to fine: the image after each scale", type="numpy", format="png",
-                                   elem_id="preview", image_mode="RGB")
-                gallery = gr.Gallery(label="images", columns=4, height="auto", format="png", elem_id="result")
+                shown = gr.Gallery(label="conditions as the model sees them", columns=4, height=180, format="png")
+                preview = gr.Image(label="coarse to fine: a preview after each scale", type="numpy", format="png",
+                                   elem_id="preview", image_mode="RGB", height=256)
+                gallery = gr.Gallery(label="images", columns=4, height=300, format="png", elem_id="result")
                 status = gr.Markdown(elem_id="status")
 
         def generate(*args: Any) -> Iterator[tuple[Any, Any, Any, str]]:
@@ -176,7 +180,8 @@ def build_app(demo: Demo) -> Any:
                         raise ECMError(value)
                     if kind == "preview":
                         si, batch = value
-                        yield gr.skip(), grid([list(batch)]), gr.skip(), f"scale {si + 1} of {m.num_scales} ..."
+                        shown_batch = zoom(grid([list(batch)]), max(1, PREVIEW // m.image_size))
+                        yield gr.skip(), shown_batch, gr.skip(), f"scale {si + 1} of {m.num_scales} ..."
                     else:
                         images, per_image, first = value
                         yield (gr.skip(), gr.skip(), images,
@@ -207,6 +212,7 @@ def build_app(demo: Demo) -> Any:
 @exit_on_error
 def main(engine: Path | None, port: int, host: str, backend: str, device: str, threads: int) -> None:
     """Serve a web page that generates with an exported engine and previews every scale."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a demo that phones nobody
     try:
         import gradio  # noqa: F401
     except ImportError:
