@@ -21,12 +21,11 @@ import click
 import numpy as np
 from PIL import Image
 
-from ecm.cli.run import MAX_CPU_BATCH, default_engine
+from ecm.cli.run import MAX_CPU_BATCH, default_engine, read_inpaint
 from ecm.runtime.controls import find_control
 from ecm.runtime.engine import BACKENDS, open_engine
 from ecm.runtime.errors import ECMError, exit_on_error
 from ecm.runtime.images import MAX_GREYNESS, greyness, grid, prepare_condition, read_image, to_rgb, zoom
-from ecm.runtime.inpaint import inpaint_input, outpaint_input, parse_margins
 from ecm.runtime.loop import Sampling, ScaleLoop
 from ecm.runtime.manifest import Manifest
 
@@ -164,10 +163,7 @@ def build_app(demo: Demo) -> Any:
                     c = condition(m, name, files[i], sketch_map(drawn) if i == 0 else None)
                     if c is not None:
                         conds[name] = c
-                canvas = None
-                if init_path is not None:
-                    canvas = (outpaint_input(init_path, parse_margins(margin_text), m.image_size)
-                              if mask_path is None else inpaint_input(init_path, mask_path, m.image_size))
+                canvas = read_inpaint(init_path, mask_path, margin_text or None, m)
                 if K and not conds and canvas is None:
                     raise ECMError(f"give a {m.control_names[0]} condition (upload or draw one), or an image to "
                                    "inpaint")

@@ -305,11 +305,6 @@ class ControlMix:
         """Every set's weights, keyed by position and name: what identifies the mix."""
         return {f"ecm{k}.{n}": v for k, e in enumerate(self.ecms) for n, v in e.state_dict().items()}
 
-    def eval(self) -> ControlMix:
-        for e in self.ecms:
-            e.eval()
-        return self
-
 
 def as_mix(adapters: ECM | ControlMix | None) -> ControlMix | None:
     """One adapter set as a mix of one; a mix or None as it is."""
