@@ -21,7 +21,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from ecm.cli.run import MAX_CPU_BATCH, default_engine, read_inpaint
+from ecm.cli.run import batch_size, default_engine, read_inpaint
 from ecm.runtime.controls import find_control
 from ecm.runtime.engine import BACKENDS, open_engine
 from ecm.runtime.errors import ECMError, exit_on_error
@@ -67,10 +67,9 @@ class Demo:
         self.m, self.runner = open_engine(engine, backend, device, threads)
         self.loops: dict[int, ScaleLoop] = {}
         self.lock = threading.Lock()
-        self.is_trt = self.runner.name == "TensorRT"
 
     def loop(self, n: int) -> ScaleLoop:
-        B = self.m.batch if self.is_trt else min(n, MAX_CPU_BATCH)
+        B = batch_size(self.m, self.runner, n)
         if B not in self.loops:
             self.loops[B] = ScaleLoop(self.m, self.runner, B)
         return self.loops[B]
@@ -90,7 +89,8 @@ class Demo:
                     B = loop.batch
                     for at in range(0, n, B):
                         def preview(si: int, batch: np.ndarray, at: int = at) -> None:
-                            first.append(first[0] if first else time.perf_counter() - start)
+                            if not first:
+                                first.append(time.perf_counter() - start)
                             events.put(("preview", (si, batch[:min(B, n - at)])))
 
                         traj = loop.run(np.full(B, label), {k: np.repeat(c[None], B, 0) for k, c in conds.items()},

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ecm.runtime.backend import Backend
 from ecm.runtime.controls import control_type
 from ecm.runtime.engine import BACKENDS, open_engine
 from ecm.runtime.errors import ECMError, exit_on_error
@@ -143,6 +144,16 @@ def load_conditions(values: tuple[str | Path, ...], m: Manifest, control: tuple[
     return rows
 
 
+def batch_size(m: Manifest, runner: Backend, images: int, batch: int | None = None) -> int:
+    """Images per engine call: the plans' batch on TensorRT (refusing another ``batch``), else ``batch`` or up to
+    MAX_CPU_BATCH, no more than the ``images`` asked for."""
+    if runner.name != "TensorRT":
+        return min(batch or MAX_CPU_BATCH, images)
+    if batch not in (None, m.batch):
+        raise ECMError(f"these plans are built for batch {m.batch}; drop --batch or re-export with --batch {batch}")
+    return m.batch
+
+
 def read_inpaint(init: Path | None, mask: Path | None, outpaint: str | None, m: Manifest) -> Inpaint | None:
     """The canvas and mask of ``--init`` with ``--mask`` or ``--outpaint``, or None without ``--init``."""
     if init is None:
@@ -240,10 +251,7 @@ def main(engine, conds, control, control_weights, init, mask, outpaint, raw_cond
     if len(labels) not in (1, len(conditions)):
         raise ECMError(f"{len(labels)} --class values for {len(conditions)} conditions; give one, or one per --cond")
     labels = labels * len(conditions) if len(labels) == 1 else labels
-    is_trt = runner.name == "TensorRT"
-    B = (batch or m.batch) if is_trt else min(batch or MAX_CPU_BATCH, num_images)
-    if is_trt and B != m.batch:
-        raise ECMError(f"these plans are built for batch {m.batch}; drop --batch or re-export with --batch {B}")
+    B = batch_size(m, runner, num_images, batch)
     with runner:  # sessions, plans and streams are released however the run ends
         loop = ScaleLoop(m, runner, B)
         rows, strips, seconds, timings = [], [], 0.0, []
